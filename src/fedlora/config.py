@@ -1,0 +1,343 @@
+"""Experiment configuration: one frozen dataclass per TOML section, validated at construction.
+
+The section and key names are a contract (scripts and users depend on them). Every key can be overridden from
+the command line with ``--set section.key=value``; values there are parsed as TOML (``3``, ``0.5``, ``true``,
+``["query", "value"]``) and fall back to a plain string. Unknown keys, wrong types and bad values raise
+:class:`~fedlora.errors.ConfigError` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedlora.errors import ConfigError
+
+# Names known to the registries; the registries check at import time that they agree with these lists.
+MODEL_NAMES = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
+ADAPTER_KINDS = ("lora", "rslora", "vera")
+METHOD_NAMES = ("fedit", "ffa", "fedsa", "flora-na", "fedex", "flora")
+DATASETS = ("rotten-tomatoes", "bbc-news", "csv", "jsonl")
+PARTITIONS = ("iid", "dirichlet", "pathological")
+
+
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    """A dataclass field with a help string and validation rules (choices, ge, gt, le, lt)."""
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata={"help": help, **rules})
+    return field(default=default, metadata={"help": help, **rules})
+
+
+def _check_rules(section: str, obj: Any) -> None:
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{section}.{f.name}"
+        if value is None:
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            for rule, ok, word in (("ge", item >= f.metadata.get("ge", item), ">="),
+                                   ("gt", "gt" not in f.metadata or item > f.metadata["gt"], ">"),
+                                   ("le", item <= f.metadata.get("le", item), "<="),
+                                   ("lt", "lt" not in f.metadata or item < f.metadata["lt"], "<")):
+                if not ok:
+                    raise ConfigError(f"{key} = {value!r} is out of range; it must be {word} {f.metadata[rule]}")
+
+
+class _Section:
+    """Mixin: validate the rules in field metadata after construction."""
+
+    SECTION = ""
+
+    def __post_init__(self) -> None:
+        _check_rules(self.SECTION, self)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    SECTION = "model"
+    name: str = _opt("minilm", "bundled model (minilm, tiny-bert, smollm2, tiny-llama) or a local Hugging Face directory")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name not in MODEL_NAMES and not Path(self.name).expanduser().is_dir():
+            raise ConfigError(
+                f"model.name = {self.name!r} is neither a bundled model ({', '.join(MODEL_NAMES)}) "
+                "nor an existing local directory"
+            )
+
+
+@dataclass(frozen=True)
+class AdapterConfig(_Section):
+    SECTION = "adapter"
+    kind: str = _opt("lora", "adapter family", choices=ADAPTER_KINDS)
+    rank: int | tuple[int, ...] = _opt(8, "rank r; a per-client list is allowed with method flora", ge=1)
+    alpha: float = _opt(16.0, "LoRA alpha: scaling s = alpha/r (lora) or alpha/sqrt(r) (rslora); unused by vera", gt=0)
+    dropout: float = _opt(0.0, "dropout on the adapter input", ge=0.0, lt=1.0)
+    targets: tuple[str, ...] = _opt(("query", "value"), "names of the linear modules to adapt")
+    seed: int = _opt(0, "seed of the adapter initialisation shared by every client (and of VeRA's projections)")
+    vera_d_initial: float = _opt(0.1, "initial value of VeRA's lambda_d", gt=0)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.targets:
+            raise ConfigError("adapter.targets = [] is empty; name at least one module, e.g. [\"query\", \"value\"]")
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.rank) if isinstance(self.rank, tuple) else self.rank
+
+
+@dataclass(frozen=True)
+class MethodConfig(_Section):
+    SECTION = "method"
+    name: str = _opt("fedsa", "aggregation method", choices=METHOD_NAMES)
+    share_head: bool | None = _opt(None, "share the classification head (unset: the method's documented default)")
+    weighting: str = _opt("samples", "client weights p_u", choices=("samples", "uniform"))
+    na_estimator: str = _opt("svd", "flora-na: 'svd' (exact rank-r optimum) or 'coefficients' (the paper's code)",
+                             choices=("svd", "coefficients"))
+    na_split: str = _opt("balanced", "flora-na: how B^A^ is split into two factors", choices=("balanced", "fedit-scale"))
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    SECTION = "data"
+    dataset: str = _opt("rotten-tomatoes", "bundled dataset or a user file", choices=DATASETS)
+    path: str = _opt("", "file for dataset = csv or jsonl")
+    text_column: str = _opt("text", "column with the input text (csv, jsonl)")
+    label_column: str = _opt("label", "column with the label (csv, jsonl); strings are allowed")
+    partition: str = _opt("dirichlet", "how examples are spread over clients", choices=PARTITIONS)
+    alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
+    classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
+    num_clients: int = _opt(3, "number of clients", ge=1)
+    min_examples_per_client: int = _opt(8, "every client gets at least this many examples", ge=2)
+    test_fraction: float = _opt(0.2, "stratified global test set held out before partitioning", gt=0, lt=1)
+    client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
+    max_examples: int = _opt(0, "stratified subsample of the dataset before anything else (0: all)", ge=0)
+    seed: int = _opt(0, "seed of the subsample, the global test set and the partition")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Section):
+    SECTION = "train"
+    rounds: int = _opt(10, "federated rounds", ge=1)
+    clients_per_round: int = _opt(0, "clients sampled per round (0: all)", ge=0)
+    min_clients: int = _opt(1, "fewest valid updates for a round to count", ge=1)
+    local_steps: int = _opt(10, "optimizer steps per client per round", ge=1)
+    batch_size: int = _opt(16, "examples per step", ge=1)
+    lr: float | None = _opt(None, "learning rate (unset: 5e-4 for lora/rslora, 1e-2 for vera)", gt=0)
+    optimizer: str = _opt("adamw", "local optimizer, fresh each round", choices=("adamw", "sgd"))
+    weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) or L2 (sgd)", ge=0)
+    max_grad_norm: float = _opt(1.0, "gradient clipping by global norm (0: off)", ge=0)
+    max_length: int = _opt(128, "tokens per example after truncation", ge=8)
+    eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1)
+    eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1)
+    seed: int = _opt(0, "seed of client sampling, batches and dropout")
+    device: str = _opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "compute dtype (auto: bf16 on a device that has it, else float32)",
+                      choices=("auto", "float32", "bfloat16"))
+    threads: int = _opt(0, "torch CPU threads (0: one per available core)", ge=0)
+
+
+@dataclass(frozen=True)
+class RuntimeConfig(_Section):
+    SECTION = "runtime"
+    kind: str = _opt("simulation", "embedded single-process simulation or Flower deployment", choices=("simulation", "flower"))
+
+
+DEFAULT_LR = {"lora": 5e-4, "rslora": 5e-4, "vera": 1e-2}
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole experiment. ``Config()`` is the default demo."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        a, m, d, t = self.adapter, self.method, self.data, self.train
+        if isinstance(a.rank, tuple):
+            if m.name != "flora":
+                raise ConfigError(f"adapter.rank = {list(a.rank)} is a per-client list, which only method flora "
+                                  f"supports (method.name = {m.name!r}); give one integer")
+            if len(a.rank) != d.num_clients:
+                raise ConfigError(f"adapter.rank has {len(a.rank)} entries but data.num_clients = {d.num_clients}")
+        if a.kind == "vera" and m.name in ("flora-na", "flora"):
+            raise ConfigError(f"method.name = {m.name!r} needs low-rank factors B, A to combine, and adapter.kind = "
+                              "'vera' has none (only the vectors lambda_b, lambda_d); use lora or rslora")
+        if t.clients_per_round > d.num_clients:
+            raise ConfigError(f"train.clients_per_round = {t.clients_per_round} exceeds data.num_clients = {d.num_clients}")
+        if t.min_clients > self.clients_per_round:
+            raise ConfigError(f"train.min_clients = {t.min_clients} exceeds the clients per round ({self.clients_per_round})")
+        if d.dataset in ("csv", "jsonl") and not d.path:
+            raise ConfigError(f"data.dataset = {d.dataset!r} needs data.path (the file to read)")
+        if d.partition == "pathological" and d.classes_per_client < 1:
+            raise ConfigError("data.classes_per_client must be >= 1")
+
+    @property
+    def clients_per_round(self) -> int:
+        return self.train.clients_per_round or self.data.num_clients
+
+    def resolved(self) -> Config:
+        """The same experiment with every 'unset: default' key filled in, as written to a run's config.toml."""
+        from fedlora.methods import get_method  # late import: methods depend on config
+
+        lr = self.train.lr if self.train.lr is not None else DEFAULT_LR[self.adapter.kind]
+        share = self.method.share_head
+        if share is None:
+            share = get_method(self.method.name).default_share_head
+        return replace(self, train=replace(self.train, lr=lr), method=replace(self.method, share_head=share))
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for f in fields(self):
+            section = getattr(self, f.name)
+            out[f.name] = {k: (list(v) if isinstance(v, tuple) else v)
+                           for k, v in dataclasses.asdict(section).items() if v is not None}
+        return out
+
+
+SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
+
+
+def _closest(word: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the type hint of ``key`` and convert lists to tuples and ints to floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(hint)}")
+    if origin is tuple:
+        (item_type, *_rest) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} = {value!r} has the wrong type; expected a list of {_type_name(item_type)}")
+        return tuple(_coerce(key, v, item_type) for v in value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {_type_name(hint)}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint) if h is not type(None))
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def from_dict(raw: Mapping[str, Any], base: Config | None = None) -> Config:
+    """Build a :class:`Config` from nested dicts (as read from TOML), on top of ``base`` (default: the demo)."""
+    base = base or Config()
+    sections: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]{_closest(name, list(SECTIONS))}; "
+                              f"sections are: {', '.join(SECTIONS)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{name}] must be a table of keys, got {values!r}")
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in fields(cls)]
+        changes = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown key {name}.{key}{_closest(key, known)}; keys of [{name}] are: {', '.join(known)}")
+            changes[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = replace(getattr(base, name), **changes)
+    return replace(base, **sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value`` and parse the value as TOML (falling back to a plain string)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r} must look like section.key=value")
+    lhs, rhs = text.split("=", 1)
+    parts = lhs.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {text!r}: the key must be section.key, e.g. method.name")
+    try:
+        value = tomllib.loads(f"v = {rhs.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = rhs.strip()
+    return parts[0], parts[1], value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (or start from the defaults), then apply ``section.key=value`` overrides in order."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {e}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"[{section}] must be a table of keys")
+        raw[section][key] = value
+    # Build in one go so that cross-section checks see the final values, not an intermediate state.
+    try:
+        return from_dict(raw)
+    except TypeError as e:  # pragma: no cover - defensive: dataclass construction errors
+        raise ConfigError(str(e)) from None
+
+
+def dumps(config: Config) -> str:
+    """TOML text of a config (round-trips through :func:`load`)."""
+    import tomli_w
+
+    return tomli_w.dumps(config.to_dict())
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key, for ``fedlora config --help``-style listings and the README."""
+    rows = []
+    for name, cls in SECTIONS.items():
+        for f in fields(cls):
+            rows.append((f"{name}.{f.name}", repr(f.default), f.metadata.get("help", "")))
+    return rows
