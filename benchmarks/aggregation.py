@@ -1,0 +1,261 @@
+"""Benchmark FLoRA-NA's server-side aggregation on a 7B-shaped adapter set, on the CPU.
+
+    .venv/bin/python benchmarks/aggregation.py [--layers 64 --d 4096 --rank 16 --clients 10 --threads 2]
+                                               [--json out.json]
+
+What it measures (targets from the design review in brackets):
+
+- time:   ``flora_na`` over every layer, median of ``--repeats`` passes                          [≤ 2 s]
+- memory: peak extra resident memory while ``flora_na`` runs over every layer, ÷ the clients'
+          adapter bytes                                                                          [≤ 3×]
+- error:  ‖ΔW̄ − B̂Â‖_F against the rank-r optimum sqrt(Σ_{i>r} σ_i²) from a float64 dense SVD, on
+          ``--check-layers`` layers, as the relative excess err/opt − 1                         [≤ 1e-4]
+- ratios, same run: the dense route (form ΔW̄, torch.linalg.svd, truncate; timed on
+  ``--dense-layers`` layers and scaled to all), ``flora_na_coefficients`` (timed on ``--coef-layers``
+  layers and scaled), FedIT, and two float32-internal variants of flora_na (the measurement behind
+  functional.py's choice of float64).
+
+Memory, honestly: tracemalloc does not see torch's buffers, so a child process runs the measured phase
+with glibc's mmap threshold at 64 KiB (every large buffer is its own mapping, returned to the kernel when
+freed, so RSS tracks live tensors instead of hiding them in a recycled heap), resets the kernel's
+high-water mark (``/proc/self/clear_refs`` ← 5) once the adapters are loaded, and reads VmHWM − VmRSS
+afterwards. The outputs of all layers are kept alive, as a server would keep them to broadcast, so the
+peak includes them; the largest single-layer working set is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from fedlora import functional as F
+from fedlora.functional import _low_rank_factors  # private: the float32-internal variants, for the comparison
+
+Layer = tuple[list[torch.Tensor], list[torch.Tensor]]
+
+
+def make_weights(args: argparse.Namespace) -> list[float]:
+    """Clients' sample counts, 50–500 each: the weights of FedAvg-style aggregation."""
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(50, 501, (args.clients,), generator=g).double().tolist()
+
+
+def make_layer(i: int, args: argparse.Namespace) -> Layer:
+    """One layer's uploads: a component shared by all clients plus client-specific drift (strength
+    ``--heterogeneity``), so ΔW̄ has rank up to N·r with a real tail beyond r. A is kaiming-scaled (1/√k);
+    B is small, as after a few hundred steps from LoRA's zero initialisation."""
+    g = torch.Generator().manual_seed(1000 * args.seed + i + 1)
+    d, k, r, h = args.d, args.d, args.rank, args.heterogeneity
+    B0, A0 = torch.randn(d, r, generator=g), torch.randn(r, k, generator=g)
+    Bs = [(B0 + h * torch.randn(d, r, generator=g)) * 1e-2 for _ in range(args.clients)]
+    As = [(A0 + h * torch.randn(r, k, generator=g)) / math.sqrt(k) for _ in range(args.clients)]
+    return Bs, As
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flora_na_variant(Bs: list[torch.Tensor], As: list[torch.Tensor], p: list[float], rank: int,
+                     dtype: torch.dtype, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """flora_na's algorithm with the internal dtype and orthonormalisation forced (balanced split)."""
+    Bc = torch.cat([B.to(dtype) * pu for B, pu in zip(Bs, p)], dim=1)
+    Ac = torch.cat([A.to(dtype) for A in As], dim=0)
+    return _low_rank_factors(Bc, Ac, rank, method)
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+def _status(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_child(args: argparse.Namespace) -> dict[str, float]:
+    """Runs in a fresh process (see the module docstring); prints one JSON line."""
+    torch.set_num_threads(args.threads)
+    layers = [make_layer(i, args) for i in range(args.layers)]
+    weights = make_weights(args)
+    F.flora_na(*layers[0], weights)  # load kernels and thread pools before the baseline
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    adapter_bytes = sum(t.nbytes for Bs, As in layers for t in (*Bs, *As))
+    _reset_peak()
+    base = _status("VmRSS")
+    if _status("VmHWM") > base + (1 << 20):
+        raise RuntimeError("could not reset the RSS high-water mark (/proc/self/clear_refs)")
+    outputs, peak, layer_peak = [], 0, 0
+    for Bs, As in layers:  # reset before each layer: that layer's VmHWM is the peak while it runs
+        _reset_peak()
+        before = _status("VmRSS")
+        outputs.append(F.flora_na(Bs, As, weights))
+        hwm = _status("VmHWM")
+        peak, layer_peak = max(peak, hwm - base), max(layer_peak, hwm - before)
+    return {"adapter_bytes": adapter_bytes, "peak_extra_bytes": peak, "layer_peak_bytes": layer_peak,
+            "layer_adapter_bytes": adapter_bytes / args.layers,
+            "output_bytes": sum(B.nbytes + A.nbytes for B, A in outputs)}
+
+
+def measure_memory(args: argparse.Namespace) -> dict[str, float]:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": str(64 * 1024)}
+    argv = [sys.executable, __file__, "--memory-child", "--layers", str(args.layers), "--d", str(args.d),
+            "--rank", str(args.rank), "--clients", str(args.clients), "--threads", str(args.threads),
+            "--seed", str(args.seed), "--heterogeneity", str(args.heterogeneity)]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+
+def dense_reference(Bs: list[torch.Tensor], As: list[torch.Tensor], p: list[float], rank: int
+                    ) -> tuple[torch.Tensor, float, float]:
+    """ΔW̄ in float64 (d×k), the optimum sqrt(Σ_{i>r} σ_i²) from a float64 dense SVD, and ‖ΔW̄‖_F."""
+    ideal = sum(pu * (B.double() @ A.double()) for B, A, pu in zip(Bs, As, p))
+    s = torch.linalg.svdvals(ideal)
+    return ideal, float(s[rank:].square().sum().sqrt()), float(s.square().sum().sqrt())
+
+
+def dense_route(Bs: list[torch.Tensor], As: list[torch.Tensor], weights: list[float], rank: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """What one would write without the factored algorithm: form ΔW̄ (float32), SVD it, truncate."""
+    U, S, Vh = torch.linalg.svd(F.ideal_update(Bs, As, weights), full_matrices=False)
+    root = S[:rank].sqrt()
+    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    torch.set_num_threads(args.threads)
+    weights = make_weights(args)
+    p = F.normalize_weights(weights, args.clients).tolist()
+    t0 = time.perf_counter()
+    layers = [make_layer(i, args) for i in range(args.layers)]
+    print(f"generated {args.layers} layers × {args.clients} clients of {args.d}×{args.rank} + {args.rank}×{args.d} "
+          f"float32 factors in {time.perf_counter() - t0:.1f} s; torch threads = {torch.get_num_threads()}")
+
+    def all_layers(fn: Callable[[list[torch.Tensor], list[torch.Tensor]], object]) -> Callable[[], None]:
+        return lambda: [fn(Bs, As) for Bs, As in layers] and None
+
+    routes: dict[str, Callable[[list[torch.Tensor], list[torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]] = {
+        "flora_na (float64 inside, shipped)": lambda Bs, As: F.flora_na(Bs, As, weights),
+        "flora_na fedit-scale": lambda Bs, As: F.flora_na(Bs, As, weights, split="fedit-scale"),
+        "float32 inside, Householder QR": lambda Bs, As: flora_na_variant(Bs, As, p, args.rank, torch.float32,
+                                                                          "householder"),
+        "float32 inside, Cholesky-QR": lambda Bs, As: flora_na_variant(Bs, As, p, args.rank, torch.float32,
+                                                                       "cholesky"),
+        "fedit (inexact)": lambda Bs, As: F.fedit(Bs, As, weights),
+    }
+    F.flora_na(*layers[0], weights)  # warm-up: first-call kernel selection is not aggregation time
+    rows: dict[str, dict[str, float]] = {}
+    for name, fn in routes.items():
+        rows[name] = {"seconds": timed(all_layers(fn), args.repeats), "timed_layers": args.layers}
+        print(f"  timed {name}: {rows[name]['seconds']:.3f} s")
+
+    dense = layers[: args.dense_layers]
+    rows["dense SVD route (float32)"] = {
+        "seconds": timed(lambda: [dense_route(Bs, As, weights, args.rank) for Bs, As in dense], 1)
+        * args.layers / len(dense), "timed_layers": len(dense)}
+    print(f"  timed dense route on {len(dense)} layers")
+    coef = layers[: args.coef_layers]
+    rows["flora_na_coefficients (200 AdamW steps)"] = {
+        "seconds": timed(lambda: [F.flora_na_coefficients(Bs, As, weights) for Bs, As in coef], 1)
+        * args.layers / len(coef), "timed_layers": len(coef)}
+    routes["dense SVD route (float32)"] = lambda Bs, As: dense_route(Bs, As, weights, args.rank)
+    routes["flora_na_coefficients (200 AdamW steps)"] = lambda Bs, As: F.flora_na_coefficients(Bs, As, weights)
+
+    # Accuracy on a few layers against a float64 dense SVD of the float64 ideal update.
+    for name in rows:
+        rows[name].update(rel_error=0.0, excess=0.0)
+    for i, (Bs, As) in enumerate(layers[: args.check_layers]):
+        ideal, optimum, norm = dense_reference(Bs, As, p, args.rank)
+        for name, fn in routes.items():
+            B, A = fn(Bs, As)
+            err = float(torch.linalg.matrix_norm(ideal - B.double() @ A.double()))
+            rows[name]["rel_error"] += err / norm / args.check_layers
+            rows[name]["excess"] = max(rows[name]["excess"], err / optimum - 1)
+        print(f"  checked layer {i} (optimum relative error {optimum / norm:.4f})")
+        del ideal
+    base = rows["flora_na (float64 inside, shipped)"]["seconds"]
+    for row in rows.values():
+        row["vs_flora_na"] = row["seconds"] / base
+    del layers
+    gc.collect()
+    memory = measure_memory(args)
+    memory["ratio"] = memory["peak_extra_bytes"] / memory["adapter_bytes"]
+    memory["layer_ratio"] = memory["layer_peak_bytes"] / memory["layer_adapter_bytes"]
+    return {"config": vars(args), "routes": rows, "memory": memory}
+
+
+def print_table(result: dict[str, object]) -> None:
+    rows, mem, cfg = result["routes"], result["memory"], result["config"]  # type: ignore[index]
+    print(f"\n{cfg['layers']} layers of {cfg['d']}×{cfg['d']}, r={cfg['rank']}, {cfg['clients']} clients, "
+          f"float32 factors, {cfg['threads']} threads; errors on {cfg['check_layers']} layers")
+    head = f"{'route':42s} {'time, all layers':>17s} {'× flora_na':>10s} {'‖ΔW̄−BA‖/‖ΔW̄‖':>14s} {'err/opt − 1':>12s}"
+    print(head + "\n" + "-" * len(head))
+    for name, row in rows.items():  # type: ignore[union-attr]
+        scaled = "" if row["timed_layers"] == cfg["layers"] else f" ({row['timed_layers']}→{cfg['layers']})"
+        print(f"{name:42s} {row['seconds']:>9.3f} s{scaled:>7s} {row['vs_flora_na']:>10.2f} "
+              f"{row['rel_error']:>14.6f} {row['excess']:>12.2e}")
+    mib = 1 << 20
+    print(f"\nflora_na peak extra RSS: {mem['peak_extra_bytes'] / mib:.1f} MiB (outputs kept: "
+          f"{mem['output_bytes'] / mib:.1f} MiB) ÷ clients' adapters {mem['adapter_bytes'] / mib:.1f} MiB "
+          f"= {mem['ratio']:.3f}×  [target ≤ 3×]")
+    print(f"largest one-layer working set: {mem['layer_peak_bytes'] / mib:.1f} MiB ÷ one layer's uploads "
+          f"{mem['layer_adapter_bytes'] / mib:.1f} MiB = {mem['layer_ratio']:.2f}×")
+    shipped = rows["flora_na (float64 inside, shipped)"]  # type: ignore[index]
+    print(f"targets: time {shipped['seconds']:.3f} s ≤ 2 s: {shipped['seconds'] <= 2}; "
+          f"excess {shipped['excess']:.1e} ≤ 1e-4: {shipped['excess'] <= 1e-4}; "
+          f"memory {mem['ratio']:.3f}× ≤ 3×: {mem['ratio'] <= 3}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=64)
+    ap.add_argument("--d", type=int, default=4096, help="layer is d×d")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; the reference machine has 2 cores")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heterogeneity", type=float, default=0.5, help="client drift relative to the shared part")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dense-layers", type=int, default=2)
+    ap.add_argument("--coef-layers", type=int, default=4)
+    ap.add_argument("--check-layers", type=int, default=3)
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.memory_child:
+        print(json.dumps(memory_child(args)))
+        return
+    result = run(args)
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The ``fedlora`` command.
+
+Every :class:`~fedlora.errors.FedloraError` (bad config, missing data, unknown method...) becomes one line on
+stderr and exit status 2, with no traceback; nothing already written is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default is exit 2 too, with the usage; keep it short
+        self.exit(2, f"fedlora: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedlora", description="Federated fine-tuning with LoRA-family adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one experiment (no CONFIG: the default demo)")
+    run.add_argument("config", nargs="?", help="TOML file; every key can be overridden with --set")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one key (repeatable), e.g. --set method.name=fedit")
+    run.add_argument("--out", help="run directory (default: runs/<method>-<adapter>-<time>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run directory")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sub.add_parser("methods", help="list the aggregation methods and adapters")
+    keys = sub.add_parser("config", help="print the resolved config (after --set) as TOML")
+    keys.add_argument("config", nargs="?")
+    keys.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    keys.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    return p
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fedlora import config as cfgmod
+    from fedlora.experiment import build
+    from fedlora.report import RunDir, summary_table
+    from fedlora.runtime import simulation
+
+    config = cfgmod.load(args.config, args.overrides)
+    out_path = Path(args.out) if args.out else Path("runs") / (
+        f"{config.method.name}-{config.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = RunDir(out_path, overwrite=args.overwrite)  # refuse a non-empty folder before any work
+    if config.runtime.kind == "flower":
+        from fedlora.errors import ConfigError
+
+        raise ConfigError("runtime.kind = 'flower' is not available in this version; use 'simulation'")
+    exp = build(config)
+    summary = simulation.run(exp.config, out, progress=not args.quiet, exp=exp)
+    console = Console()
+    console.print(summary_table([{"method": exp.config.method.name, "adapter": exp.config.adapter.kind, **summary}]))
+    console.print(f"run directory: {out.path}")
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from fedlora.methods import METHODS
+
+    print("methods:")
+    for name, cls in METHODS.items():
+        print(f"  {name:<9} {cls.summary} [adapters: {', '.join(cls.adapters)}]")
+    print("adapters:")
+    print("  lora      LoRA: ΔW = (α/r)·B·A")
+    print("  rslora    rank-stabilised LoRA: ΔW = (α/√r)·B·A")
+    print("  vera      VeRA: ΔW = Λ_b·B_s·Λ_d·A_s, frozen shared random A_s, B_s; trains λ_d (A side), λ_b (B side)")
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from fedlora import config as cfgmod
+
+    if args.keys:
+        for key, default, help_ in cfgmod.describe():
+            print(f"{key:<32} {default:<22} {help_}")
+        return 0
+    print(cfgmod.dumps(cfgmod.load(args.config, args.overrides).resolved()), end="")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from fedlora.errors import FedloraError
+
+    args = _parser().parse_args(argv)
+    try:
+        return {"run": _cmd_run, "methods": _cmd_methods, "config": _cmd_config}[args.command](args)
+    except FedloraError as e:
+        print(f"fedlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

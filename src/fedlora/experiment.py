@@ -1,0 +1,104 @@
+"""Everything a run needs, built once from a config: data, partition, tokenized examples, the model with its
+adapter, the method and the initial adapter state. Both runtimes start from :func:`build`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+from peft import PeftModel, TaskType
+from torch import nn
+
+from fedlora import adapters, models
+from fedlora.adapters import AdapterInfo, State
+from fedlora.client import ClientData, LocalTrainer
+from fedlora.config import Config
+from fedlora.data import FederatedSplit, TextDataset, load_dataset, split_federated
+from fedlora.data.tokenize import encode
+from fedlora.methods import Method, get_method
+from fedlora.tasks import ClassificationTask
+
+
+@dataclass
+class Experiment:
+    config: Config  # resolved
+    dataset: TextDataset
+    split: FederatedSplit
+    clients: list[ClientData]
+    model: PeftModel
+    slots: Mapping[str, nn.Parameter]
+    task: ClassificationTask
+    method: Method
+    info: AdapterInfo
+    init_state: State
+    fingerprint: str | None
+    device: torch.device
+    trainer: LocalTrainer
+
+    @property
+    def base_path(self) -> str | None:
+        return models.resolve(self.config.model).path
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from fedlora.errors import ConfigError
+
+            raise ConfigError("train.device = 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def set_threads(threads: int) -> int:
+    """Pin torch's CPU threads: ``threads`` or one per core this process may use."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+def build(config: Config) -> Experiment:
+    """Load data and model, partition, tokenize (once) and attach the adapter, from a config."""
+    config = config.resolved()
+    set_threads(config.train.threads)
+    device = pick_device(config.train.device)
+    method_cls = get_method(config.method.name)
+    if config.adapter.kind not in method_cls.adapters:
+        from fedlora.errors import ConfigError
+
+        raise ConfigError(f"method.name = {config.method.name!r} does not support adapter.kind = "
+                          f"{config.adapter.kind!r}; it supports: {', '.join(method_cls.adapters)}")
+
+    dataset = load_dataset(config.data)
+    split = split_federated(dataset.labels, config.data)
+    clients = [ClientData(c.client_id, c.train, c.test) for c in split.clients]
+
+    tokenizer = models.load_tokenizer(config.model)
+    encoded = encode(dataset.texts, dataset.labels, tokenizer, config.train.max_length)
+    num_labels = len(dataset.label_names)
+    task = ClassificationTask(encoded, tokenizer.pad_token_id or 0, num_labels)
+
+    base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
+    model = adapters.attach(base, config.adapter, TaskType.SEQ_CLS).to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    slot_map = adapters.slots(model)
+    init_state = adapters.read_state(slot_map)
+    info = AdapterInfo.of(init_state)
+    method = method_cls(config, info)
+    trainer = LocalTrainer(model, slot_map, task, config.train, device)
+    return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model, slots=slot_map,
+                      task=task, method=method, info=info, init_state=init_state,
+                      fingerprint=adapters.projection_fingerprint(model), device=device, trainer=trainer)
+
+
+def label_histogram(exp: Experiment) -> np.ndarray:
+    """clients × labels counts of each client's training data (for the run summary)."""
+    labels = exp.dataset.labels
+    n = len(exp.dataset.label_names)
+    return np.stack([np.bincount(labels[c.train], minlength=n) for c in exp.clients])

@@ -1,0 +1,414 @@
+"""Per-layer aggregation maths for LoRA factors: pure functions over tensors, no I/O, no state (DESIGN.md).
+
+Client u uploads B_u (d×r_u) and A_u (r_u×k); its update is B_u·A_u. Weights are normalised to p_u, and the
+*ideal* update is ΔW̄ = Σ p_u B_u A_u. Every function checks its inputs with one validator (:func:`_validate`)
+and raises ``ValueError`` naming the problem, the client index and the shapes. Results keep the inputs' dtype
+and device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["SPLITS", "fedex", "fedit", "fedit_error", "flora_na", "flora_na_coefficients", "flora_stack",
+           "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
+
+Weights = Sequence[float] | Tensor
+SPLITS = ("balanced", "fedit-scale")
+
+# flora_na's fast path orthonormalises Bc and Acᵀ with Cholesky-QR (two small Gram products, a few ms per
+# 4096×160 layer) instead of Householder QR (~15 ms). Cholesky-QR's Q is orthonormal only up to
+# δ ≈ eps·κ(R)². The product then differs from the exact truncated SVD by O(δ) (relative, for a clear gap
+# σ_r > σ_{r+1}) and its error exceeds the optimum by only O(δ²), because the optimum is stationary. It is
+# accepted while eps·κ² ≤ 1e-8 (κ ≤ 6.7e3 in float64, for the column-equilibrated factor, estimated from
+# above by ‖G'‖_F·‖R'⁻¹‖_F² without an SVD), which keeps products within ~1e-8 of the exact answer.
+# Otherwise (rank-deficient or ill-conditioned factors: identical clients, zero-initialised B, zero weights)
+# the Householder path runs, which is backward stable whatever the rank.
+_CHOLQR_MAX_DISTORTION = 1e-8
+
+# flora_na computes in float64 whatever the input dtype. Measured by benchmarks/aggregation.py: in float32
+# Cholesky-QR's δ ≈ 6e-8·κ² breaks the 1e-4 budget as soon as κ ≳ 40 (typical of real client factors), so
+# float32 would mean Householder everywhere, which is *slower* on CPU than float64 Cholesky-QR. The casts
+# cost one copy of a layer's factors; the d×rank outputs are cast back to the input dtype.
+_COMPUTE_DTYPE = torch.float64
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def normalize_weights(weights: Weights, n: int) -> Tensor:
+    """Non-negative, finite weights (a sequence of numbers or a 1-D tensor) → float64 probabilities summing to 1."""
+    if n < 1:
+        raise ValueError("no clients: at least one update is needed")
+    if isinstance(weights, Tensor):
+        if weights.ndim != 1:
+            raise ValueError(f"weights must be a 1-D tensor, got shape {tuple(weights.shape)}")
+        w = weights.detach().to(torch.float64)
+    else:
+        try:
+            w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"weights must be a sequence of numbers or a 1-D tensor: {err}") from None
+    if w.numel() != n:
+        raise ValueError(f"length mismatch: {w.numel()} weights for {n} clients")
+    for u, x in enumerate(w.tolist()):
+        if not math.isfinite(x):
+            raise ValueError(f"weight of client {u} is not finite ({x})")
+        if x < 0:
+            raise ValueError(f"weight of client {u} is negative ({x})")
+    total = w.sum()
+    if total == 0:
+        raise ValueError(f"weights sum to zero ({w.tolist()}); at least one client needs a positive weight")
+    if not torch.isfinite(total):
+        raise ValueError("weights sum to infinity; rescale them")
+    return w / total
+
+
+def _dims(t: Tensor) -> str:
+    return "×".join(map(str, t.shape)) if t.ndim else "a scalar"
+
+
+def _check_tensor(t: object, label: str, ref: Tensor | None, ndim: int | None) -> Tensor:
+    """Type, dimension, dtype, device and finiteness of one tensor; ``ref`` is the tensor it must resemble."""
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.ndim != ndim:
+        raise ValueError(f"{label} must be a {ndim}-D matrix, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{label} must be a floating-point tensor, got {t.dtype}")
+    if ref is not None and (t.dtype != ref.dtype or t.device != ref.device):
+        raise ValueError(f"{label} is {t.dtype} on {t.device} but the first tensor is {ref.dtype} on {ref.device}")
+    # A finite sum proves every entry finite and is ~30× cheaper than isfinite().all() on the CPU; only a
+    # non-finite sum (an inf or nan entry, or an overflowing sum of huge ones) needs the exact test.
+    if not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{label} has non-finite values")
+    return t
+
+
+def _as_list(xs: object, name: str) -> list[object]:
+    if isinstance(xs, Tensor) or not isinstance(xs, Sequence):
+        raise ValueError(f"{name} must be a sequence (list or tuple) of tensors, got {type(xs).__name__}")
+    return list(xs)
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One validated layer: the clients' factors and their normalised weights (Python floats, float64)."""
+
+    Bs: tuple[Tensor, ...]
+    As: tuple[Tensor, ...]
+    p: tuple[float, ...]
+    d: int
+    k: int
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return tuple(B.shape[1] for B in self.Bs)
+
+    @property
+    def ref(self) -> Tensor:
+        return self.Bs[0]
+
+
+def _check_pair(B: object, A: object, label: str, ref: Tensor | None) -> tuple[Tensor, Tensor]:
+    B = _check_tensor(B, f"{label}: B", ref, 2)
+    A = _check_tensor(A, f"{label}: A", ref if ref is not None else B, 2)
+    if B.shape[1] != A.shape[0]:
+        raise ValueError(f"{label}: B is {_dims(B)} but A is {_dims(A)}; B's columns must equal A's rows")
+    if 0 in (*B.shape, A.shape[1]):
+        raise ValueError(f"{label}: empty factors (B is {_dims(B)}, A is {_dims(A)})")
+    return B, A
+
+
+def _validate(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, *, equal_ranks_for: str | None = None,
+              estimate: tuple[Tensor, Tensor] | None = None) -> _Layer:
+    """The one validator: clients' factors, weights, (optionally) equal ranks and an estimate (B, A) of the layer."""
+    bs, as_ = _as_list(Bs, "Bs"), _as_list(As, "As")
+    if not bs and not as_:
+        raise ValueError("no client updates: Bs and As are empty")
+    if len(bs) != len(as_):
+        raise ValueError(f"length mismatch: {len(bs)} B factors but {len(as_)} A factors")
+    p = normalize_weights(weights, len(bs))
+    pairs = [_check_pair(bs[0], as_[0], "client 0", None)]
+    d, k = pairs[0][0].shape[0], pairs[0][1].shape[1]
+    for u in range(1, len(bs)):
+        B, A = _check_pair(bs[u], as_[u], f"client {u}", pairs[0][0])
+        if B.shape[0] != d or A.shape[1] != k:
+            raise ValueError(f"client {u}: update is {B.shape[0]}×{A.shape[1]} (B {_dims(B)}, A {_dims(A)}) but "
+                             f"client 0's is {d}×{k}; every client must adapt the same layer")
+        pairs.append((B, A))
+    layer = _Layer(tuple(B for B, _ in pairs), tuple(A for _, A in pairs), tuple(p.tolist()), d, k)
+    if equal_ranks_for is not None and len(set(layer.ranks)) > 1:
+        raise ValueError(f"{equal_ranks_for} needs equal ranks, got ranks {list(layer.ranks)}; "
+                         "use flora_stack or flora_na for heterogeneous ranks")
+    if estimate is not None:
+        B, A = _check_pair(estimate[0], estimate[1], "estimate", layer.ref)
+        if B.shape[0] != d or A.shape[1] != k:
+            raise ValueError(f"estimate: B·A is {B.shape[0]}×{A.shape[1]} (B {_dims(B)}, A {_dims(A)}) but the "
+                             f"clients' layer is {d}×{k}")
+    return layer
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+def _weighted_sum(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
+    out = tensors[0] * coefficients[0]
+    for t, c in zip(tensors[1:], coefficients[1:]):
+        out.add_(t, alpha=c)
+    return out
+
+
+def _concat(layer: _Layer, dtype: torch.dtype, weight_on: str, skip_zero: bool = False) -> tuple[Tensor, Tensor]:
+    """Bc = [B_1, …] (d×Σr) and Ac = [A_1; …] (Σr×k) in ``dtype``, with p_u folded into the B or the A side."""
+    keep = [u for u, pu in enumerate(layer.p) if pu > 0 or not skip_zero]
+    cols = [0]
+    for u in keep:
+        cols.append(cols[-1] + layer.ranks[u])
+    Bc = layer.ref.new_empty((layer.d, cols[-1]), dtype=dtype)
+    Ac = layer.ref.new_empty((cols[-1], layer.k), dtype=dtype)
+    for u, lo, hi in zip(keep, cols, cols[1:]):  # written in place: no temporaries, one pass per factor
+        B, A, pu = layer.Bs[u], layer.As[u], layer.p[u]
+        torch.mul(B, pu, out=Bc[:, lo:hi]) if weight_on == "B" else Bc[:, lo:hi].copy_(B)
+        torch.mul(A, pu, out=Ac[lo:hi]) if weight_on == "A" else Ac[lo:hi].copy_(A)
+    return Bc, Ac
+
+
+def _fedit_means(layer: _Layer) -> tuple[Tensor, Tensor]:
+    """FedIT's (B̄, Ā); heterogeneous ranks are zero-padded to the largest (that leaves each B_u·A_u unchanged)."""
+    r = max(layer.ranks)
+    Bs = [torch.nn.functional.pad(B, (0, r - B.shape[1])) for B in layer.Bs]
+    As = [torch.nn.functional.pad(A, (0, 0, 0, r - A.shape[0])) for A in layer.As]
+    return _weighted_sum(Bs, layer.p), _weighted_sum(As, layer.p)
+
+
+def _orthonormal_basis(X: Tensor, method: str = "auto") -> tuple[Tensor, Callable[[Tensor], Tensor]]:
+    """X (m×n) = Q·R with orthonormal Q: returns R and M ↦ Q·M, without forming Q.
+
+    ``method``: "auto" (Cholesky-QR when well conditioned, else Householder), "householder", or "cholesky"
+    (Cholesky-QR whenever the factorisation succeeds, whatever the conditioning; for measurements only).
+    """
+    if method in ("auto", "cholesky"):
+        G = X.mT @ X
+        scale = G.diagonal().sqrt()  # equilibrate the columns first: κ of X·diag(1/‖x_j‖) is what matters
+        if bool((scale > 0).all()):
+            G = G / torch.outer(scale, scale)
+            R, info = torch.linalg.cholesky_ex(G, upper=True)
+            ok = int(info) == 0
+            if ok:
+                eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
+                R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
+                # κ₂(R')² = ‖G'‖₂‖R'⁻¹‖₂² ≤ ‖G'‖_F‖R'⁻¹‖_F²: a cheap, safe over-estimate
+                kappa_sq = float(torch.linalg.matrix_norm(G) * torch.linalg.matrix_norm(R_inv).square())
+                ok = method == "cholesky" or torch.finfo(X.dtype).eps * kappa_sq <= _CHOLQR_MAX_DISTORTION
+            if ok:
+                R_inv = R_inv / scale[:, None]  # X·D⁻¹ = Q·R'  ⇒  X = Q·(R'·D), (R'·D)⁻¹ = D⁻¹·R'⁻¹
+                return R * scale, lambda M: X @ (R_inv @ M)
+    a, tau = torch.geqrf(X)
+    m = min(X.shape)
+
+    def apply(M: Tensor) -> Tensor:  # Q (m×m, implicit in the reflectors) times M padded with zero rows
+        padded = M.new_zeros((X.shape[0], M.shape[1]))
+        padded[:m] = M
+        return torch.ormqr(a, tau, padded)
+
+    return a[:m].triu(), apply
+
+
+def _low_rank_factors(Bc: Tensor, Ac: Tensor, rank: int, method: str = "auto") -> tuple[Tensor, Tensor]:
+    """Balanced rank-``rank`` factors of the truncated SVD of Bc·Ac, in Bc's dtype, never forming Bc·Ac."""
+    R_B, apply_B = _orthonormal_basis(Bc, method)
+    R_A, apply_A = _orthonormal_basis(Ac.mT, method)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)  # at most Nr×Nr
+    r = min(rank, S.numel())
+    root = S[:r].sqrt()
+    B = Bc.new_zeros((Bc.shape[0], rank))  # components beyond Nr (or beyond d, k) stay zero
+    A = Ac.new_zeros((rank, Ac.shape[1]))
+    B[:, :r] = apply_B(U[:, :r] * root)
+    A[:r] = apply_A(Vh[:r].mT * root).mT
+    return B, A
+
+
+# ------------------------------------------------------------------------------------------------ public API
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Weights) -> Tensor:
+    """Σ p_u T_u for same-shape tensors (A-only, B-only, heads, VeRA vectors), in their dtype and device."""
+    ts = _as_list(tensors, "tensors")
+    p = normalize_weights(weights, len(ts))
+    first = _check_tensor(ts[0], "tensor 0", None, None)
+    for u, t in enumerate(ts[1:], start=1):
+        _check_tensor(t, f"tensor {u}", first, None)
+        if t.shape != first.shape:
+            raise ValueError(f"tensor {u} has shape {tuple(t.shape)} but tensor 0 has {tuple(first.shape)}")
+    return _weighted_sum(ts, p.tolist())  # type: ignore[arg-type]
+
+
+def ideal_update(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> Tensor:
+    """ΔW̄ = Σ p_u B_u A_u (d×k), as one product of the stacked factors. For tests and small layers."""
+    layer = _validate(Bs, As, weights)
+    Bc, Ac = _concat(layer, layer.ref.dtype, "B")
+    return Bc @ Ac
+
+
+def fedit(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> tuple[Tensor, Tensor]:
+    """FedIT: (B̄, Ā), the weighted means of each factor. Requires equal ranks."""
+    layer = _validate(Bs, As, weights, equal_ranks_for="fedit")
+    return _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
+
+
+def flora_na(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, rank: int | None = None,
+             split: str = "balanced") -> tuple[Tensor, Tensor]:
+    """FLoRA-NA: B̂ (d×rank), Â (rank×k) with B̂Â the rank-``rank`` truncated SVD of ΔW̄ (Eckart–Young optimal).
+
+    Computed from thin QRs of Bc = [p_1B_1, …] and Acᵀ = [A_1; …]ᵀ and the SVD of R_B R_Aᵀ (Nr×Nr); no d×k
+    matrix is formed. ``rank`` defaults to the largest client rank; components beyond rank(ΔW̄) are zero.
+    Clients with weight 0 contribute nothing and are skipped.
+
+    ``split`` chooses how the product Q_B U_r Σ_r V_rᵀ Q_Aᵀ is shared between the factors (it never changes the
+    product):
+
+    - "balanced": B̂ = Q_B U_r Σ_r^½, Â = Σ_r^½ V_rᵀ Q_Aᵀ, so ‖B̂‖_F = ‖Â‖_F.
+    - "fedit-scale": the balanced factors times one scalar, B̂·c and Â/c, with c chosen so that
+      ‖B̂‖_F/‖Â‖_F = ‖B̄‖_F/‖Ā‖_F of FedIT's means (zero-padded for mixed ranks). One scalar rather than one per
+      component because one ratio is all there is to match; each component keeps its balanced shape. When B̄ or
+      Ā is zero (e.g. clients whose B's cancel) no positive c matches, and the balanced factors are returned.
+      When ΔW̄ is exactly zero (e.g. round one of LoRA, B zero-initialised and untrained), the result is
+      B̂ = 0, Â = Ā (truncated or zero-padded to ``rank``), LoRA's own initialisation convention, which
+      keeps gradients flowing into B next round, where balanced zeros would freeze both factors.
+    """
+    layer = _validate(Bs, As, weights)
+    rank = max(layer.ranks) if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(map(repr, SPLITS))}")
+    Bc, Ac = _concat(layer, _COMPUTE_DTYPE, "B", skip_zero=True)
+    B, A = _low_rank_factors(Bc, Ac, rank)
+    if split == "fedit-scale":
+        B_bar, A_bar = _fedit_means(layer)
+        if not bool(B.any()) and not bool(A.any()):  # ΔW̄ == 0 exactly: B̂ = 0, Â = Ā
+            A = A_bar.to(_COMPUTE_DTYPE)[:rank]
+            A = torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0]))
+        else:
+            target = float(torch.linalg.matrix_norm(B_bar.to(_COMPUTE_DTYPE))
+                           / torch.linalg.matrix_norm(A_bar.to(_COMPUTE_DTYPE)))
+            if 0 < target < math.inf:
+                c = math.sqrt(target * float(torch.linalg.matrix_norm(A) / torch.linalg.matrix_norm(B)))
+                B, A = B * c, A / c
+    dtype = layer.ref.dtype
+    return B.to(dtype), A.to(dtype)
+
+
+def flora_na_coefficients(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, steps: int = 200,
+                          lr: float = 1e-2, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """The FLoRA-NA paper's public-code estimator: B̂ = Σ β_u B_u, Â = Σ α_u A_u with 2N scalars.
+
+    α, β start at FedIT's point (α = β = p) and AdamW (no weight decay: there is no reason to pull mixing
+    coefficients towards zero) runs ``steps`` steps on ‖ΔW̄ − B̂Â‖_F² / ‖ΔW̄‖_F². With C = diag(p) − βαᵀ the
+    residual is Σ_uv C_uv B_u A_v, so the loss is cᵀTc for c = vec(C) and the N²×N² matrix
+    T[(u,v),(u',v')] = tr((B_uᵀB_u')(A_v'A_vᵀ)) built once from r×r Gram blocks: no d×k matrix is formed and
+    each step costs O(N⁴). The best iterate is returned (FedIT's point included), so the error never exceeds
+    FedIT's. Deterministic (float64 on the CPU). Requires equal ranks; ``rank`` may only be None or that rank.
+    """
+    layer = _validate(Bs, As, weights, equal_ranks_for="flora_na_coefficients")
+    n, r = len(layer.Bs), layer.ranks[0]
+    if rank is not None and rank != r:
+        raise ValueError(f"flora_na_coefficients keeps the clients' rank {r}; got rank={rank!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    Bcat = torch.cat([B.to(_COMPUTE_DTYPE) for B in layer.Bs], dim=1)
+    Acat = torch.cat([A.to(_COMPUTE_DTYPE) for A in layer.As], dim=0)
+    GB = (Bcat.mT @ Bcat).reshape(n, r, n, r)  # GB[u,i,u',j] = (B_uᵀ B_u')_ij
+    GA = (Acat @ Acat.mT).reshape(n, r, n, r)  # GA[v',j,v,i] = (A_v' A_vᵀ)_ji
+    with torch.inference_mode(False), torch.enable_grad():
+        T = torch.einsum("aibj,djci->acbd", GB, GA).reshape(n * n, n * n).cpu().clone()
+        p = torch.tensor(layer.p, dtype=torch.float64)
+
+        def loss(alpha: Tensor, beta: Tensor) -> Tensor:
+            c = (torch.diag(p) - torch.outer(beta, alpha)).reshape(-1)
+            return c @ (T @ c)
+
+        scale = float(loss(torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)))
+        scale = scale if scale > 0 else 1.0  # ‖ΔW̄‖² normalises the loss; a zero ideal leaves it raw
+        alpha, beta = p.clone().requires_grad_(), p.clone().requires_grad_()
+        opt = torch.optim.AdamW([alpha, beta], lr=lr, weight_decay=0.0)
+        best = (math.inf, p.tolist(), p.tolist())
+        for step in range(steps + 1):
+            value = loss(alpha, beta) / scale
+            if value.item() < best[0]:
+                best = (value.item(), alpha.detach().tolist(), beta.detach().tolist())
+            if step == steps:
+                break
+            opt.zero_grad()
+            value.backward()
+            opt.step()
+    _, a, b = best
+    return _weighted_sum(layer.Bs, b), _weighted_sum(layer.As, a)
+
+
+def residual_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, B: Tensor,
+                     A: Tensor) -> tuple[Tensor, Tensor]:
+    """(P, Q) with P·Q = ΔW̄ − B·A: P = [p_1B_1, …, p_NB_N, −B] (d×(Σr_u+r)), Q = [A_1; …; A_N; A].
+
+    The factored form of FedEx-LoRA's residual, for byte accounting and for products without a d×k matrix.
+    """
+    layer = _validate(Bs, As, weights, estimate=(B, A))
+    return _residual_factors(layer, B, A, layer.ref.dtype)
+
+
+def _residual_factors(layer: _Layer, B: Tensor, A: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    Bc, Ac = _concat(layer, dtype, "B")
+    return torch.cat([Bc, -B.to(dtype)], dim=1), torch.cat([Ac, A.to(dtype)], dim=0)
+
+
+def fedex(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> tuple[Tensor, Tensor, Tensor]:
+    """FedEx-LoRA: (B̄, Ā, residual) with residual = ΔW̄ − B̄Ā (d×k), so that B̄Ā + residual = ΔW̄ exactly.
+
+    The residual is one product of the stacked factors [p_uB_u, −B̄]·[A_u; Ā] rather than a difference of two
+    d×k products. It is in (d, k) = (out, in) orientation; the caller folds s·residual into W0 in the base
+    weight's own orientation.
+    """
+    layer = _validate(Bs, As, weights, equal_ranks_for="fedex")
+    B_bar, A_bar = _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
+    P, Q = _residual_factors(layer, B_bar, A_bar, layer.ref.dtype)
+    return B_bar, A_bar, P @ Q
+
+
+def flora_stack(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> tuple[Tensor, Tensor]:
+    """FLoRA stacking: B = [B_1, …, B_N] (d×Σr_u), A = [p_1A_1; …; p_NA_N] (Σr_u×k); B·A = ΔW̄. Ranks may differ."""
+    layer = _validate(Bs, As, weights)
+    return _concat(layer, layer.ref.dtype, "A")
+
+
+def fedit_error(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> Tensor:
+    """FedIT's error ΔW̄ − B̄Ā written as Σ p_u (B_u − B̄)(A_u − Ā) (d×k, rank ≤ (N−1)r). For tests."""
+    layer = _validate(Bs, As, weights, equal_ranks_for="fedit_error")
+    B_bar, A_bar = _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
+    P = torch.cat([(B - B_bar) * pu for B, pu in zip(layer.Bs, layer.p)], dim=1)
+    return P @ torch.cat([A - A_bar for A in layer.As], dim=0)
+
+
+def _product_norm(P: Tensor, Q: Tensor) -> float:
+    """‖P·Q‖_F = ‖R_P R_Qᵀ‖_F from Householder R factors (backward stable, unlike expanding ‖PQ‖² in traces of
+    Gram matrices, which cancels catastrophically when the product is small next to its factors)."""
+    R_P = torch.linalg.qr(P, mode="r").R
+    R_Q = torch.linalg.qr(Q.mT, mode="r").R
+    return float(torch.linalg.matrix_norm(R_P @ R_Q.mT))
+
+
+def relative_error(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, B: Tensor, A: Tensor) -> float:
+    """‖ΔW̄ − B·A‖_F / ‖ΔW̄‖_F, in float64 and without forming a d×k matrix.
+
+    0.0 when ΔW̄ and B·A are both zero; ``math.inf`` when ΔW̄ is zero but B·A is not.
+    """
+    layer = _validate(Bs, As, weights, estimate=(B, A))
+    error = _product_norm(*_residual_factors(layer, B, A, torch.float64))
+    ideal = _product_norm(*_concat(layer, torch.float64, "B"))
+    if ideal == 0:
+        return 0.0 if error == 0 else math.inf
+    return error / ideal

@@ -1,0 +1,34 @@
+"""The method registry: ``get_method(name)`` and ``METHODS`` (name → class), one module per method."""
+
+from __future__ import annotations
+
+from fedlora.config import METHOD_NAMES
+from fedlora.errors import ConfigError
+from fedlora.methods.base import Broadcast, Method, Upload
+from fedlora.methods.fedit import FedIT
+from fedlora.methods.fedsa import FedSALoRA
+from fedlora.methods.ffa import FFALoRA
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Add a method class to the registry under ``cls.name`` (its name must be listed in config.METHOD_NAMES)."""
+    if cls.name not in METHOD_NAMES:
+        raise RuntimeError(f"method {cls.name!r} is not listed in fedlora.config.METHOD_NAMES")
+    METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (FedIT, FFALoRA, FedSALoRA):
+    register(_cls)
+
+
+def get_method(name: str) -> type[Method]:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ConfigError(f"method.name = {name!r} is not available; choose one of: {', '.join(METHODS)}") from None
+
+
+__all__ = ["Broadcast", "METHODS", "Method", "Upload", "get_method", "register"]

@@ -1,0 +1,19 @@
+"""FedIT: FedAvg of A and B separately (and of the head). Inexact: B̄·Ā ≠ Σ p_u B_u A_u."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from fedlora.methods.base import Broadcast, Method, Upload
+
+
+class FedIT(Method):
+    name = "fedit"
+    summary = "FedAvg of A and B separately (Zhang et al. 2024); global model W0 + s·B̄Ā, inexact"
+    default_share_head = True
+    has_global_model = True
+
+    def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        return Broadcast(payload=self.average(uploads, self.shared_keys()))

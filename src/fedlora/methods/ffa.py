@@ -1,0 +1,29 @@
+"""FFA-LoRA: A frozen at one shared random initialisation; only B (and the head) is trained and averaged.
+
+Because every client has the same A, the average of B·A is exactly B̄·A: aggregation is exact for this
+parametrisation. With VeRA the A side is λ_d, frozen at its shared initial value.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from fedlora.methods.base import Broadcast, Method, Upload
+
+
+class FFALoRA(Method):
+    name = "ffa"
+    summary = "FFA-LoRA (Sun et al. 2024): A frozen at a shared random init, only B trained and averaged"
+    default_share_head = True
+    has_global_model = True
+
+    def adapter_keys(self) -> tuple[str, ...]:
+        return self.info.with_role("B")
+
+    def frozen_keys(self) -> tuple[str, ...]:
+        return self.info.with_role("A")
+
+    def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        return Broadcast(payload=self.average(uploads, self.shared_keys()))

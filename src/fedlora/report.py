@@ -1,0 +1,105 @@
+"""The run directory (config.toml, metrics.jsonl, summary.json, clients/, global/) and the end-of-run table."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from fedlora import adapters
+from fedlora.config import dumps
+from fedlora.errors import FedloraError
+
+if TYPE_CHECKING:
+    from fedlora.experiment import Experiment
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    """A run's output folder. An existing non-empty folder is refused unless ``overwrite`` (or ``resume``)."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.resume = resume
+        if self.path.exists() and not self.path.is_dir():
+            raise FedloraError(f"--out {str(self.path)!r} exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not (overwrite or resume):
+            raise FedloraError(f"--out {str(self.path)!r} already holds files; pass --overwrite to replace them "
+                               "or --resume to continue that run")
+
+    def start(self, exp: Experiment) -> None:
+        """Create the folder (clearing it with ``overwrite``) and write the resolved config."""
+        if self.overwrite and self.path.is_dir():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path / "config.toml", dumps(exp.config))
+        if not self.resume:
+            (self.path / "metrics.jsonl").write_text("", encoding="utf-8")
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, sort_keys=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def save_adapters(self, exp: Experiment, client_states: Mapping[int, Mapping[str, torch.Tensor]],
+                      global_state: Mapping[str, torch.Tensor] | None) -> None:
+        """Each client's final adapter in PEFT format (loadable with ``PeftModel.from_pretrained``)."""
+        for cid, state in client_states.items():
+            save_adapter(exp, state, self.path / "clients" / str(cid))
+        if global_state is not None:
+            save_adapter(exp, global_state, self.path / "global")
+
+    def finish(self, exp: Experiment, summary: Mapping[str, Any]) -> None:
+        full = {"method": exp.config.method.name, "adapter": exp.config.adapter.kind,
+                "model": exp.config.model.name, "dataset": exp.config.data.dataset,
+                "num_clients": len(exp.clients), **summary}
+        atomic_write(self.path / "summary.json", json.dumps(full, indent=2) + "\n")
+
+
+def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Write ``state`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    adapters.write_state(exp.slots, state)
+    path.mkdir(parents=True, exist_ok=True)
+    exp.model.save_pretrained(str(path))
+
+
+def _fmt_acc(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def summary_table(rows: list[Mapping[str, Any]]) -> Any:
+    """A rich Table of final global / personalized accuracy and bytes, one row per run summary."""
+    from rich.table import Table
+
+    table = Table(title="fedlora results", show_lines=False)
+    for col in ("method", "adapter", "global acc", "personal acc (mean)", "personal acc (weighted)",
+                "bytes up", "bytes down", "seconds"):
+        table.add_column(col, justify="left" if col in ("method", "adapter") else "right")
+    for s in rows:
+        table.add_row(s["method"], s["adapter"], _fmt_acc(s.get("acc_global")), _fmt_acc(s.get("acc_personal_mean")),
+                      _fmt_acc(s.get("acc_personal_weighted")), _fmt_bytes(s["bytes_up_total"]),
+                      _fmt_bytes(s["bytes_down_total"]), f"{s['wall_seconds']:.0f}")
+    return table

@@ -1,0 +1,1 @@
+"""Runtimes: the embedded single-process simulation (default) and Flower's deployment engine."""

@@ -1,0 +1,152 @@
+"""The federated round loop, written once for every runtime.
+
+A runtime supplies a :class:`Transport` that reaches the clients (direct calls in the embedded simulation,
+messages through Flower in a deployment); the loop decides who trains, what each client must receive, what
+is counted, and what is recorded. Bytes are the sizes of the tensors in each message actually sent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from fedlora.adapters import State
+from fedlora.config import Config
+from fedlora.errors import RoundFailed, UpdateRejected
+from fedlora.methods import Broadcast, Upload
+from fedlora.server import Server, weighted_mean_metric
+
+
+class ClientFailure(Exception):
+    """A client did not answer (crashed, timed out, raised); it is left out of the round."""
+
+
+class Transport(Protocol):
+    def fit(self, client: int, broadcasts: Sequence[Broadcast], round_: int) -> Upload: ...
+
+    def evaluate(self, client: int, broadcasts: Sequence[Broadcast]) -> dict[str, float]: ...
+
+    def evaluate_global(self, state: State) -> dict[str, float]: ...
+
+    def on_broadcast(self, broadcast: Broadcast) -> None: ...
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def run_round(server: Server, transport: Transport, config: Config, round_: int, global_test: np.ndarray,
+              evaluate: bool) -> dict[str, Any]:
+    """One round: train the sampled clients, validate, aggregate, broadcast, evaluate. Returns its record."""
+    t0 = time.perf_counter()
+    chosen = server.sample(round_)
+    uploads: list[Upload] = []
+    rejected: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
+    bytes_up = bytes_down = 0
+    for c in chosen:
+        pending = server.pending(c)
+        bytes_down += sum(b.nbytes for b in pending)
+        try:
+            upload = transport.fit(c, pending, round_)
+        except ClientFailure as e:
+            missing.append({"client": c, "reason": str(e)})
+            continue
+        server.mark_synced(c)
+        bytes_up += upload.nbytes
+        try:
+            server.validate(upload)
+        except UpdateRejected as e:
+            rejected.append({"client": c, "reason": e.reason})
+            continue
+        uploads.append(upload)
+
+    failed: str | None = None
+    stats: Mapping[str, float] = {}
+    try:
+        broadcast = server.aggregate(uploads)
+        transport.on_broadcast(broadcast)
+        stats = broadcast.stats
+    except RoundFailed as e:
+        failed = str(e)
+
+    n = sum(u.num_examples for u in uploads)
+    losses = [float(u.meta.get("train_loss", math.nan)) for u in uploads]
+    record: dict[str, Any] = {
+        "round": round_,
+        "train_loss": _num(sum(l * u.num_examples for l, u in zip(losses, uploads)) / n) if n else None,
+        "participants": [u.client for u in uploads],
+        "rejected": rejected,
+        "missing": missing,
+        "failed": failed,
+        **{k: float(v) for k, v in stats.items()},
+    }
+    if evaluate:
+        per_client: dict[str, dict[str, float]] = {}
+        for c in range(server.num_clients):
+            pending = server.pending(c)
+            bytes_down += sum(b.nbytes for b in pending)
+            try:
+                per_client[str(c)] = transport.evaluate(c, pending)
+            except ClientFailure as e:
+                missing.append({"client": c, "reason": f"evaluation: {e}"})
+                continue
+            server.mark_synced(c)
+        accs = [m["acc"] for m in per_client.values()]
+        sizes = [m["n"] for m in per_client.values()]
+        record["acc_global"] = record["f1_global"] = record["loss_global"] = None
+        if server.method.global_model:
+            g = transport.evaluate_global(server.global_state)
+            record.update(acc_global=_num(g["acc"]), f1_global=_num(g["f1"]), loss_global=_num(g["loss"]))
+        record["acc_personal_mean"] = _num(float(np.nanmean(accs))) if accs else None
+        record["acc_personal_weighted"] = _num(weighted_mean_metric(accs, sizes)) if accs else None
+        record["f1_personal_mean"] = _num(float(np.nanmean([m["f1"] for m in per_client.values()]))) if accs else None
+        record["clients"] = {c: _num(m["acc"]) for c, m in per_client.items()}
+    record["bytes_up"] = bytes_up
+    record["bytes_down"] = bytes_down
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def run_rounds(server: Server, transport: Transport, config: Config, global_test: np.ndarray,
+               on_record: Callable[[dict[str, Any]], None], start_round: int = 1,
+               progress: bool = True) -> list[dict[str, Any]]:
+    """Rounds ``start_round..train.rounds``; ``on_record`` receives each round's record as soon as it exists."""
+    from tqdm.auto import tqdm
+
+    t = config.train
+    records = []
+    bar = tqdm(range(start_round, t.rounds + 1), desc=f"{config.method.name}/{config.adapter.kind}",
+               unit="round", disable=not progress, leave=True, dynamic_ncols=True)
+    for r in bar:
+        record = run_round(server, transport, config, r, global_test,
+                           evaluate=(r % t.eval_every == 0 or r == t.rounds))
+        records.append(record)
+        on_record(record)
+        shown = {"loss": record["train_loss"], "acc": record.get("acc_personal_mean")}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
+    return records
+
+
+def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
+    """Final values (last evaluated round) and totals."""
+    evaluated = [r for r in records if "acc_personal_mean" in r]
+    last = evaluated[-1] if evaluated else {}
+    keys = ("acc_global", "f1_global", "acc_personal_mean", "acc_personal_weighted", "f1_personal_mean", "clients")
+    out: dict[str, Any] = {k: last.get(k) for k in keys}
+    out.update(
+        rounds=len(records),
+        final_round=records[-1]["round"] if records else 0,
+        train_loss=records[-1]["train_loss"] if records else None,
+        bytes_up_total=int(sum(r["bytes_up"] for r in records)),
+        bytes_down_total=int(sum(r["bytes_down"] for r in records)),
+        failed_rounds=[r["round"] for r in records if r["failed"]],
+        wall_seconds=wall_seconds,
+    )
+    if any("agg_error" in r for r in records):
+        out["agg_error"] = [r.get("agg_error") for r in records]
+    return out
+

@@ -1,0 +1,113 @@
+"""The server: client sampling, validation of every upload, aggregation through the method, and the record of
+which broadcasts each client has received. Runtime-agnostic: the embedded simulation and the Flower ServerApp
+both drive this object; neither contains a rule of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fedlora.adapters import State
+from fedlora.errors import RoundFailed, UpdateRejected
+from fedlora.methods import Broadcast, Method, Upload
+
+
+class Server:
+    """Holds the global adapter state and the broadcast history of one experiment."""
+
+    def __init__(self, method: Method, init_state: Mapping[str, torch.Tensor], num_clients: int,
+                 clients_per_round: int, min_clients: int, seed: int, fingerprint: str | None = None) -> None:
+        self.method = method
+        self.global_state: State = {k: v.detach().clone() for k, v in init_state.items()}
+        self.num_clients = num_clients
+        self.clients_per_round = clients_per_round
+        self.min_clients = min_clients
+        self.seed = seed
+        self.fingerprint = fingerprint
+        self.version = 0
+        # Broadcasts some client may still need: history[i] is broadcast number first + i. Non-cumulative
+        # methods keep only the latest; cumulative ones keep those the most-behind client has not received.
+        self.history: list[Broadcast] = []
+        self.first = 1
+        self.client_version = [0] * num_clients
+        expected = method.shared_keys()
+        self._reference = {k: self.global_state[k] for k in expected}
+
+    # ---- who takes part ------------------------------------------------------------------------------
+    def sample(self, round_: int) -> list[int]:
+        """The clients of a round: a seeded draw without replacement, sorted (all of them when k = N)."""
+        if self.clients_per_round >= self.num_clients:
+            return list(range(self.num_clients))
+        rng = np.random.default_rng([self.seed, round_, 0x5A3])
+        return sorted(int(c) for c in rng.choice(self.num_clients, self.clients_per_round, replace=False))
+
+    # ---- what a client must receive ------------------------------------------------------------------
+    def pending(self, client: int) -> list[Broadcast]:
+        """Broadcasts ``client`` has not received: all of them for cumulative methods, else the latest."""
+        have = self.client_version[client]
+        if have == self.version:
+            return []
+        return self.history[have + 1 - self.first:] if self.method.cumulative else [self.history[-1]]
+
+    def mark_synced(self, client: int) -> None:
+        self.client_version[client] = self.version
+        self._trim()
+
+    def _trim(self) -> None:
+        oldest_needed = min(self.client_version) + 1 if self.method.cumulative else self.version
+        drop = max(0, min(oldest_needed - self.first, len(self.history) - 1))
+        if drop:
+            del self.history[:drop]
+            self.first += drop
+
+    # ---- validation ----------------------------------------------------------------------------------
+    def validate(self, upload: Upload) -> None:
+        """Raise :class:`UpdateRejected` unless the upload has exactly the shared keys, the reference shapes
+        and dtypes, only finite values, a positive example count and the expected VeRA projections."""
+        keys = set(upload.payload)
+        expected = set(self._reference)
+        if keys != expected:
+            missing, extra = sorted(expected - keys), sorted(keys - expected)
+            raise UpdateRejected(upload.client, f"keys differ from the shared keys (missing {missing[:3]}, "
+                                                f"unexpected {extra[:3]})")
+        if not (isinstance(upload.num_examples, int) and upload.num_examples > 0):
+            raise UpdateRejected(upload.client, f"num_examples = {upload.num_examples!r} must be a positive integer")
+        for k, ref in self._reference.items():
+            t = upload.payload[k]
+            if not isinstance(t, torch.Tensor):
+                raise UpdateRejected(upload.client, f"{k} is not a tensor")
+            if tuple(t.shape) != tuple(ref.shape):
+                raise UpdateRejected(upload.client, f"{k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+            if t.dtype != ref.dtype:
+                raise UpdateRejected(upload.client, f"{k} has dtype {t.dtype}, expected {ref.dtype}")
+            if not bool(torch.isfinite(t).all()):
+                raise UpdateRejected(upload.client, f"{k} has non-finite values")
+        if self.fingerprint is not None and upload.meta.get("fingerprint") != self.fingerprint:
+            raise UpdateRejected(upload.client, "VeRA projections differ from the server's (same adapter.seed "
+                                                "and model are required on every client)")
+
+    # ---- aggregation ---------------------------------------------------------------------------------
+    def aggregate(self, uploads: Sequence[Upload]) -> Broadcast:
+        """Aggregate validated uploads into a new broadcast, or raise :class:`RoundFailed` (nothing changes)."""
+        if len(uploads) < self.min_clients:
+            raise RoundFailed(f"{len(uploads)} valid update(s), fewer than train.min_clients = {self.min_clients}")
+        broadcast = self.method.aggregate(uploads, self.global_state)
+        bad = [k for k, v in broadcast.payload.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise RoundFailed(f"aggregation produced non-finite values in {bad[:3]}")
+        self.global_state = self.method.apply(self.global_state, broadcast)
+        self.history.append(broadcast)
+        self.version += 1
+        self._trim()
+        return broadcast
+
+
+def weighted_mean_metric(values: Sequence[float], weights: Sequence[float]) -> float:
+    """Example-weighted mean that ignores NaN entries (clients without test examples)."""
+    pairs = [(v, w) for v, w in zip(values, weights) if not math.isnan(v) and w > 0]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else float("nan")

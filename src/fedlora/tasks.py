@@ -1,0 +1,73 @@
+"""Tasks: how to batch a client's examples, the training loss, and evaluation from real predictions.
+
+A task owns the run's tokenized data (tokenized once) and is the only place that knows what a batch looks
+like, so local training and the runtimes work the same for classification and (later) generation.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from fedlora.data.tokenize import Encoded, collate
+
+
+class Task(Protocol):
+    """The interface local training and evaluation rely on."""
+
+    def batch(self, idx: Sequence[int] | np.ndarray, device: torch.device) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def evaluate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]: ...
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
+    """Macro-F1 over the labels that occur in ``gold`` or ``pred``."""
+    return float(f1_score(gold, pred, average="macro", zero_division=0))
+
+
+class ClassificationTask:
+    """Sequence classification with cross-entropy; accuracy and macro-F1 from argmax predictions."""
+
+    kind = "classification"
+
+    def __init__(self, encoded: Encoded, pad_id: int, num_labels: int) -> None:
+        self.encoded = encoded
+        self.pad_id = pad_id
+        self.num_labels = num_labels
+        self._lengths = np.array([len(x) for x in encoded.input_ids])
+
+    def batch(self, idx: Sequence[int] | np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        return {k: v.to(device) for k, v in collate(self.encoded, idx, self.pad_id).items()}
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, float]:
+        """Predicted labels for ``idx`` (in the order given) and the mean loss."""
+        idx = np.asarray(idx)
+        # Sort by length so that each batch pads little; restore the order afterwards.
+        order = np.argsort(self._lengths[idx], kind="stable")
+        pred = np.empty(len(idx), dtype=np.int64)
+        total_loss = 0.0
+        model.eval()
+        for start in range(0, len(idx), batch_size):
+            pos = order[start:start + batch_size]
+            out = model(**self.batch(idx[pos], device))
+            pred[pos] = out.logits.argmax(-1).cpu().numpy()
+            total_loss += float(out.loss) * len(pos)
+        return pred, total_loss / max(len(idx), 1)
+
+    def evaluate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]:
+        if len(idx) == 0:
+            return {"acc": float("nan"), "f1": float("nan"), "loss": float("nan"), "n": 0}
+        pred, loss = self.predict(model, idx, batch_size, device)
+        gold = self.encoded.labels[torch.as_tensor(np.asarray(idx))].numpy()
+        return {"acc": float(np.mean(pred == gold)), "f1": macro_f1(pred, gold),
+                "loss": loss, "n": int(len(idx))}
