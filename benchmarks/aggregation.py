@@ -149,6 +149,7 @@ def dense_route(Bs: list[torch.Tensor], As: list[torch.Tensor], weights: list[fl
 
 def run(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()  # other processes on the machine skew every timing: recorded with them
     weights = make_weights(args)
     p = F.normalize_weights(weights, args.clients).tolist()
     t0 = time.perf_counter()
@@ -206,13 +207,16 @@ def run(args: argparse.Namespace) -> dict[str, object]:
     memory = measure_memory(args)
     memory["ratio"] = memory["peak_extra_bytes"] / memory["adapter_bytes"]
     memory["layer_ratio"] = memory["layer_peak_bytes"] / memory["layer_adapter_bytes"]
-    return {"config": vars(args), "routes": rows, "memory": memory}
+    return {"config": vars(args), "routes": rows, "memory": memory,
+            "load_average": {"start": load_start, "end": os.getloadavg()}, "cpus": os.cpu_count()}
 
 
 def print_table(result: dict[str, object]) -> None:
     rows, mem, cfg = result["routes"], result["memory"], result["config"]  # type: ignore[index]
     print(f"\n{cfg['layers']} layers of {cfg['d']}×{cfg['d']}, r={cfg['rank']}, {cfg['clients']} clients, "
-          f"float32 factors, {cfg['threads']} threads; errors on {cfg['check_layers']} layers")
+          f"float32 factors, {cfg['threads']} threads on {result['cpus']} CPUs (load average "
+          f"{result['load_average']['start'][0]:.2f} → {result['load_average']['end'][0]:.2f}); errors on "
+          f"{cfg['check_layers']} layers")
     head = f"{'route':42s} {'time, all layers':>17s} {'× flora_na':>10s} {'‖ΔW̄−BA‖/‖ΔW̄‖':>14s} {'err/opt − 1':>12s}"
     print(head + "\n" + "-" * len(head))
     for name, row in rows.items():  # type: ignore[union-attr]

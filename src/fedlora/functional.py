@@ -170,10 +170,10 @@ def _concat(layer: _Layer, dtype: torch.dtype, weight_on: str, skip_zero: bool =
         cols.append(cols[-1] + layer.ranks[u])
     Bc = layer.ref.new_empty((layer.d, cols[-1]), dtype=dtype)
     Ac = layer.ref.new_empty((cols[-1], layer.k), dtype=dtype)
-    for u, lo, hi in zip(keep, cols, cols[1:]):  # written in place: no temporaries, one pass per factor
-        B, A, pu = layer.Bs[u], layer.As[u], layer.p[u]
-        torch.mul(B, pu, out=Bc[:, lo:hi]) if weight_on == "B" else Bc[:, lo:hi].copy_(B)
-        torch.mul(A, pu, out=Ac[lo:hi]) if weight_on == "A" else Ac[lo:hi].copy_(A)
+    for u, lo, hi in zip(keep, cols, cols[1:]):  # copy_ (casting) then mul_ in ``dtype``: no temporaries
+        Bc[:, lo:hi].copy_(layer.Bs[u])
+        Ac[lo:hi].copy_(layer.As[u])
+        (Bc[:, lo:hi] if weight_on == "B" else Ac[lo:hi]).mul_(layer.p[u])
     return Bc, Ac
 
 

@@ -95,11 +95,11 @@ def summary_table(rows: list[Mapping[str, Any]]) -> Any:
     from rich.table import Table
 
     table = Table(title="fedlora results", show_lines=False)
-    for col in ("method", "adapter", "global acc", "personal acc (mean)", "personal acc (weighted)",
-                "bytes up", "bytes down", "seconds"):
+    # Short headers: the table must fit an 80-column terminal without wrapping.
+    for col in ("method", "adapter", "global acc", "personal acc", "(weighted)", "sent up", "sent down", "time"):
         table.add_column(col, justify="left" if col in ("method", "adapter") else "right")
     for s in rows:
         table.add_row(s["method"], s["adapter"], _fmt_acc(s.get("acc_global")), _fmt_acc(s.get("acc_personal_mean")),
                       _fmt_acc(s.get("acc_personal_weighted")), _fmt_bytes(s["bytes_up_total"]),
-                      _fmt_bytes(s["bytes_down_total"]), f"{s['wall_seconds']:.0f}")
+                      _fmt_bytes(s["bytes_down_total"]), f"{s['wall_seconds']:.0f} s")
     return table

@@ -34,6 +34,10 @@ class Transport(Protocol):
     def on_broadcast(self, broadcast: Broadcast) -> None: ...
 
 
+EVAL_FIELDS = ("acc_global", "f1_global", "loss_global", "acc_personal_mean", "acc_personal_weighted",
+               "f1_personal_mean", "clients")
+
+
 def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
@@ -84,6 +88,9 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         "failed": failed,
         **{k: float(v) for k, v in stats.items()},
     }
+    # Every record has the same keys; a round without evaluation has null accuracies.
+    for key in EVAL_FIELDS:
+        record[key] = None
     if evaluate:
         per_client: dict[str, dict[str, float]] = {}
         for c in range(server.num_clients):
@@ -97,7 +104,6 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
             server.mark_synced(c)
         accs = [m["acc"] for m in per_client.values()]
         sizes = [m["n"] for m in per_client.values()]
-        record["acc_global"] = record["f1_global"] = record["loss_global"] = None
         if server.method.global_model:
             g = transport.evaluate_global(server.global_state)
             record.update(acc_global=_num(g["acc"]), f1_global=_num(g["f1"]), loss_global=_num(g["loss"]))
@@ -133,7 +139,7 @@ def run_rounds(server: Server, transport: Transport, config: Config, global_test
 
 def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
     """Final values (last evaluated round) and totals."""
-    evaluated = [r for r in records if "acc_personal_mean" in r]
+    evaluated = [r for r in records if r.get("clients") is not None]
     last = evaluated[-1] if evaluated else {}
     keys = ("acc_global", "f1_global", "acc_personal_mean", "acc_personal_weighted", "f1_personal_mean", "clients")
     out: dict[str, Any] = {k: last.get(k) for k in keys}
