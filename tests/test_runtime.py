@@ -26,7 +26,7 @@ def test_run_directory_holds_what_the_design_lists(tmp_path, method: str, has_gl
     summary = simulation.run(cfg, RunDir(tmp_path / "run"), progress=False)
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [0, 1, 2]  # round 0: before any training
     for r in records:
         assert ROUND_FIELDS <= set(r)
         assert set(r["clients"]) == {"0", "1", "2"}
@@ -86,7 +86,7 @@ def test_partial_participation_syncs_lagging_clients(tmp_path) -> None:
     assert all(len(p) == 2 for p in picks) and len({tuple(p) for p in picks}) > 1
     summary = simulation.run(cfg, RunDir(tmp_path / "run"), progress=False, exp=exp)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["acc_global"] is None for r in records] == [True, True, False]
+    assert [r["acc_global"] is None for r in records] == [False, True, True, False]
     assert len(records[-1]["clients"]) == 4
     assert summary["bytes_down_total"] > 0
 

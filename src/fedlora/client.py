@@ -40,6 +40,15 @@ class TrainResult:
     steps: int
 
 
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``train.dtype``: auto is bf16 where the device has fast bf16 (a CUDA GPU that supports it), else float32."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
 def round_seed(seed: int, round_: int, client: int) -> int:
     """A 63-bit seed for one client in one round, independent of every other (client, round)."""
     return int(np.random.SeedSequence([seed, round_, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -64,6 +73,11 @@ class LocalTrainer:
         self.task = task
         self.cfg = train
         self.device = device
+        # Adapter weights and optimizer state stay float32; bf16 is used for the forward/backward compute only.
+        self.bf16 = resolve_dtype(train.dtype, device) == torch.bfloat16
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:
         write_state(self.slots, state)
@@ -89,7 +103,8 @@ class LocalTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed)  # dropout draws from the global generator; pin it per client and round
             for idx in batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed):
-                loss = self.task.loss(self.model, self.task.batch(idx, self.device))
+                with self._autocast():
+                    loss = self.task.loss(self.model, self.task.batch(idx, self.device))
                 loss.backward()
                 if cfg.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -105,7 +120,8 @@ class LocalTrainer:
     def evaluate(self, state: Mapping[str, torch.Tensor], idx: np.ndarray) -> dict[str, float]:
         """Metrics of the model with ``state`` on the examples ``idx`` (real predictions)."""
         self.load(state)
-        return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
+        with self._autocast():
+            return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
 
 
 class ClientNode:

@@ -142,6 +142,7 @@ class TrainConfig(_Section):
     max_grad_norm: float = _opt(1.0, "gradient clipping by global norm (0: off)", ge=0)
     max_length: int = _opt(128, "tokens per example after truncation", ge=8)
     eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1)
+    eval_initial: bool = _opt(True, "evaluate before the first round (recorded as round 0)")
     eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1)
     seed: int = _opt(0, "seed of client sampling, batches and dropout")
     device: str = _opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))

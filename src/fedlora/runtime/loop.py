@@ -88,31 +88,51 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         "failed": failed,
         **{k: float(v) for k, v in stats.items()},
     }
-    # Every record has the same keys; a round without evaluation has null accuracies.
-    for key in EVAL_FIELDS:
-        record[key] = None
     if evaluate:
-        per_client: dict[str, dict[str, float]] = {}
-        for c in range(server.num_clients):
-            pending = server.pending(c)
-            bytes_down += sum(b.nbytes for b in pending)
-            try:
-                per_client[str(c)] = transport.evaluate(c, pending)
-            except ClientFailure as e:
-                missing.append({"client": c, "reason": f"evaluation: {e}"})
-                continue
-            server.mark_synced(c)
-        accs = [m["acc"] for m in per_client.values()]
-        sizes = [m["n"] for m in per_client.values()]
-        if server.method.global_model:
-            g = transport.evaluate_global(server.global_state)
-            record.update(acc_global=_num(g["acc"]), f1_global=_num(g["f1"]), loss_global=_num(g["loss"]))
-        record["acc_personal_mean"] = _num(float(np.nanmean(accs))) if accs else None
-        record["acc_personal_weighted"] = _num(weighted_mean_metric(accs, sizes)) if accs else None
-        record["f1_personal_mean"] = _num(float(np.nanmean([m["f1"] for m in per_client.values()]))) if accs else None
-        record["clients"] = {c: _num(m["acc"]) for c, m in per_client.items()}
+        bytes_down += evaluate_all(server, transport, record, missing)
+    else:  # every record has the same keys; a round without evaluation has null accuracies
+        record.update(dict.fromkeys(EVAL_FIELDS))
     record["bytes_up"] = bytes_up
     record["bytes_down"] = bytes_down
+    record["seconds"] = time.perf_counter() - t0
+    return record
+
+
+def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], missing: list[dict[str, Any]]) -> int:
+    """Evaluate every client's own model on its test split (and the global model where there is one); fill
+    ``record``'s accuracy fields. Returns the bytes sent to bring clients up to date first."""
+    record.update(dict.fromkeys(EVAL_FIELDS))
+    bytes_down = 0
+    per_client: dict[str, dict[str, float]] = {}
+    for c in range(server.num_clients):
+        pending = server.pending(c)
+        bytes_down += sum(b.nbytes for b in pending)
+        try:
+            per_client[str(c)] = transport.evaluate(c, pending)
+        except ClientFailure as e:
+            missing.append({"client": c, "reason": f"evaluation: {e}"})
+            continue
+        server.mark_synced(c)
+    accs = [m["acc"] for m in per_client.values()]
+    sizes = [m["n"] for m in per_client.values()]
+    if server.method.global_model:
+        g = transport.evaluate_global(server.global_state)
+        record.update(acc_global=_num(g["acc"]), f1_global=_num(g["f1"]), loss_global=_num(g["loss"]))
+    if accs:
+        record["acc_personal_mean"] = _num(float(np.nanmean(accs)))
+        record["acc_personal_weighted"] = _num(weighted_mean_metric(accs, sizes))
+        record["f1_personal_mean"] = _num(float(np.nanmean([m["f1"] for m in per_client.values()])))
+        record["clients"] = {c: _num(m["acc"]) for c, m in per_client.items()}
+    return bytes_down
+
+
+def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
+    """Round 0: every model evaluated before any training, so that learning is visible from its start."""
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {"round": 0, "train_loss": None, "participants": [], "rejected": [], "missing": [],
+                              "failed": None}
+    record["bytes_down"] = evaluate_all(server, transport, record, record["missing"])
+    record["bytes_up"] = 0
     record["seconds"] = time.perf_counter() - t0
     return record
 
@@ -125,6 +145,9 @@ def run_rounds(server: Server, transport: Transport, config: Config, global_test
 
     t = config.train
     records = []
+    if start_round == 1 and t.eval_initial:
+        records.append(initial_record(server, transport))
+        on_record(records[-1])
     bar = tqdm(range(start_round, t.rounds + 1), desc=f"{config.method.name}/{config.adapter.kind}",
                unit="round", disable=not progress, leave=True, dynamic_ncols=True)
     for r in bar:
@@ -144,9 +167,10 @@ def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[st
     keys = ("acc_global", "f1_global", "acc_personal_mean", "acc_personal_weighted", "f1_personal_mean", "clients")
     out: dict[str, Any] = {k: last.get(k) for k in keys}
     out.update(
-        rounds=len(records),
+        rounds=sum(1 for r in records if r["round"] > 0),
         final_round=records[-1]["round"] if records else 0,
         train_loss=records[-1]["train_loss"] if records else None,
+        initial_acc_personal_mean=records[0].get("acc_personal_mean") if records and records[0]["round"] == 0 else None,
         bytes_up_total=int(sum(r["bytes_up"] for r in records)),
         bytes_down_total=int(sum(r["bytes_down"] for r in records)),
         failed_rounds=[r["round"] for r in records if r["failed"]],
