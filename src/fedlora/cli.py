@@ -11,7 +11,10 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from fedlora.report import RunDir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -34,13 +37,19 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one key (repeatable), e.g. --set method.name=fedit")
     run.add_argument("--out", help="run directory (default: runs/<method>-<adapter>-<time>)")
     run.add_argument("--overwrite", action="store_true", help="replace an existing non-empty run directory")
+    run.add_argument("--resume", metavar="DIR", help="continue the run in DIR after its last complete round "
+                                                     "(its config.toml is used; no CONFIG or --set)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--tensorboard", action="store_true", help="also log the run to <run dir>/tensorboard")
 
     sub.add_parser("methods", help="list the aggregation methods and adapters")
     keys = sub.add_parser("config", help="print the resolved config (after --set) as TOML")
     keys.add_argument("config", nargs="?")
     keys.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     keys.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    from fedlora import cli_experiments
+
+    cli_experiments.add_parsers(sub)  # compare, report, analyze
     return p
 
 
@@ -48,24 +57,49 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fedlora import config as cfgmod
+    from fedlora.errors import FedloraError
     from fedlora.experiment import build
     from fedlora.report import RunDir, summary_table
     from fedlora.runtime import simulation
 
-    config = cfgmod.load(args.config, args.overrides)
-    out_path = Path(args.out) if args.out else Path("runs") / (
-        f"{config.method.name}-{config.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out = RunDir(out_path, overwrite=args.overwrite)  # refuse a non-empty folder before any work
+    if args.resume:
+        if args.config or args.overrides or args.out or args.overwrite:
+            raise FedloraError("--resume DIR continues DIR with its own config.toml; do not combine it with "
+                               "CONFIG, --set, --out or --overwrite")
+        resume_dir = Path(args.resume)
+        if not (resume_dir / "config.toml").is_file():
+            raise FedloraError(f"--resume {str(resume_dir)!r}: no config.toml there (not a fedlora run directory)")
+        if (resume_dir / "summary.json").is_file():
+            print(f"{resume_dir} is already complete (summary.json exists); nothing to resume")
+            return 0
+        config = cfgmod.load(resume_dir / "config.toml")
+        out = _run_dir(args, resume_dir, resume=True)
+    else:
+        config = cfgmod.load(args.config, args.overrides)
+        out_path = Path(args.out) if args.out else Path("runs") / (
+            f"{config.method.name}-{config.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = _run_dir(args, out_path, overwrite=args.overwrite)  # refuse a non-empty folder before any work
     if config.runtime.kind == "flower":
         from fedlora.errors import ConfigError
 
         raise ConfigError("runtime.kind = 'flower' is not available in this version; use 'simulation'")
     exp = build(config)
-    summary = simulation.run(exp.config, out, progress=not args.quiet, exp=exp)
+    summary = simulation.run(exp.config, out, progress=not args.quiet, exp=exp, resume=bool(args.resume))
     console = Console()
     console.print(summary_table([{"method": exp.config.method.name, "adapter": exp.config.adapter.kind, **summary}]))
     console.print(f"run directory: {out.path}")
     return 0
+
+
+def _run_dir(args: argparse.Namespace, path: Path, **kwargs: bool) -> RunDir:
+    """The run directory, logging to TensorBoard too with --tensorboard (a missing package fails here)."""
+    from fedlora.report import RunDir
+
+    if not args.tensorboard:
+        return RunDir(path, **kwargs)
+    from fedlora.runlog import ObservedRunDir, TensorBoardLogger
+
+    return ObservedRunDir(path, observers=[TensorBoardLogger()], **kwargs)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -95,9 +129,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from fedlora.errors import FedloraError
 
+    from fedlora.cli_experiments import COMMANDS
+
     args = _parser().parse_args(argv)
     try:
-        return {"run": _cmd_run, "methods": _cmd_methods, "config": _cmd_config}[args.command](args)
+        return {"run": _cmd_run, "methods": _cmd_methods, "config": _cmd_config, **COMMANDS}[args.command](args)
     except FedloraError as e:
         print(f"fedlora: error: {e}", file=sys.stderr)
         return 2

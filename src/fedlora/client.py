@@ -17,6 +17,7 @@ from torch import nn
 
 from fedlora.adapters import State, read_state, write_state
 from fedlora.config import TrainConfig
+from fedlora.errors import ClientFailure
 from fedlora.tasks import Task
 
 if TYPE_CHECKING:
@@ -139,9 +140,13 @@ class ClientNode:
         self.state: State = {k: v.detach().clone() for k, v in init_state.items()}
         self.fingerprint = fingerprint
         self.apply_base = apply_base  # None where the base model is shared with the server (embedded runtime)
+        self.version = 0  # the last broadcast applied: a broadcast sent twice (after a lost reply) applies once
 
     def receive(self, broadcasts: Sequence[Broadcast]) -> None:
         for b in broadcasts:
+            if b.version and b.version <= self.version:
+                continue
+            self.version = max(self.version, b.version)
             if b.base_update and self.apply_base is not None:
                 self.apply_base(b.base_update)
             self.state = self.method.apply(self.state, b)
@@ -150,6 +155,10 @@ class ClientNode:
         from fedlora.methods import Upload
 
         result = self.trainer.train(self.state, self.data, round_, frozen=self.method.frozen_keys())
+        bad = [k for k, v in result.state.items() if not bool(torch.isfinite(v).all())]
+        if bad or not np.isfinite(result.loss):
+            # Keep the state from before this round: nothing non-finite may enter a client's adapter.
+            raise ClientFailure(f"local training diverged (non-finite loss or weights in {bad[:2]})")
         self.state = result.state
         meta = {"train_loss": result.loss, "fingerprint": self.fingerprint}
         return Upload(self.data.client_id, self.method.upload(self.state), result.num_examples, meta), result

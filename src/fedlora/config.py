@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import tomllib
 import types
 import typing
@@ -21,9 +22,12 @@ from fedlora.errors import ConfigError
 
 # Names known to the registries; the registries check at import time that they agree with these lists.
 MODEL_NAMES = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
+CAUSAL_MODEL_NAMES = ("smollm2", "tiny-llama")
 ADAPTER_KINDS = ("lora", "rslora", "vera")
 METHOD_NAMES = ("fedit", "ffa", "fedsa", "flora-na", "fedex", "flora")
-DATASETS = ("rotten-tomatoes", "bbc-news", "csv", "jsonl")
+DATASETS = ("rotten-tomatoes", "bbc-news", "rotten-tomatoes-gen", "bbc-news-gen", "csv", "jsonl")
+GENERATION_DATASETS = ("rotten-tomatoes-gen", "bbc-news-gen")  # instruction data for causal LMs
+TASKS = ("auto", "classification", "generation")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
 
@@ -77,6 +81,21 @@ class ModelConfig(_Section):
                 "nor an existing local directory"
             )
 
+    @property
+    def causal(self) -> bool:
+        """Whether the model is a causal language model (generation tasks) rather than an encoder: smollm2,
+        tiny-llama, or a local directory whose config.json names a ``*ForCausalLM`` / ``*LMHeadModel``
+        architecture (BERT checkpoints name ``BertModel`` or ``BertForMaskedLM``)."""
+        if self.name in CAUSAL_MODEL_NAMES:
+            return True
+        if self.name in MODEL_NAMES:
+            return False
+        try:
+            raw = json.loads((Path(self.name).expanduser() / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False  # models.resolve reports a missing or unreadable config.json
+        return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in raw.get("architectures") or [])
+
 
 @dataclass(frozen=True)
 class AdapterConfig(_Section):
@@ -85,13 +104,14 @@ class AdapterConfig(_Section):
     rank: int | tuple[int, ...] = _opt(8, "rank r; a per-client list is allowed with method flora", ge=1)
     alpha: float = _opt(16.0, "LoRA alpha: scaling s = alpha/r (lora) or alpha/sqrt(r) (rslora); unused by vera", gt=0)
     dropout: float = _opt(0.0, "dropout on the adapter input", ge=0.0, lt=1.0)
-    targets: tuple[str, ...] = _opt(("query", "value"), "names of the linear modules to adapt")
+    targets: tuple[str, ...] | None = _opt(None, "names of the linear modules to adapt (unset: query, value for "
+                                                 "encoders; q_proj, v_proj for causal LMs)")
     seed: int = _opt(0, "seed of the adapter initialisation shared by every client (and of VeRA's projections)")
     vera_d_initial: float = _opt(0.1, "initial value of VeRA's lambda_d", gt=0)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.targets:
+        if self.targets is not None and not self.targets:
             raise ConfigError("adapter.targets = [] is empty; name at least one module, e.g. [\"query\", \"value\"]")
 
     @property
@@ -117,6 +137,11 @@ class DataConfig(_Section):
     path: str = _opt("", "file for dataset = csv or jsonl")
     text_column: str = _opt("text", "column with the input text (csv, jsonl)")
     label_column: str = _opt("label", "column with the label (csv, jsonl); strings are allowed")
+    task: str = _opt("auto", "classification or generation (instruction data on a causal LM); auto: generation for "
+                     "the -gen datasets and for csv/jsonl with a causal LM, else classification", choices=TASKS)
+    prompt_column: str = _opt("", "generation from csv/jsonl: column with the prompt (unset: instruction [+ input] "
+                              "or prompt)")
+    response_column: str = _opt("", "generation from csv/jsonl: column with the response (unset: output or response)")
     partition: str = _opt("dirichlet", "how examples are spread over clients", choices=PARTITIONS)
     alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
     classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
@@ -126,6 +151,18 @@ class DataConfig(_Section):
     client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
     max_examples: int = _opt(0, "stratified subsample of the dataset before anything else (0: all)", ge=0)
     seed: int = _opt(0, "seed of the subsample, the global test set and the partition")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.prompt_column) != bool(self.response_column):
+            raise ConfigError(f"data.prompt_column = {self.prompt_column!r} and data.response_column = "
+                              f"{self.response_column!r}: set both or neither")
+        if self.task == "classification" and self.dataset in GENERATION_DATASETS:
+            raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task but data.task = 'classification'; "
+                              f"use data.dataset = {self.dataset.removesuffix('-gen')!r} for classification")
+        if self.task == "generation" and self.dataset in ("rotten-tomatoes", "bbc-news"):
+            raise ConfigError(f"data.task = 'generation' needs instruction data; use data.dataset = "
+                              f"{self.dataset + '-gen'!r}")
 
 
 @dataclass(frozen=True)
@@ -149,12 +186,32 @@ class TrainConfig(_Section):
     dtype: str = _opt("auto", "compute dtype (auto: bf16 on a device that has it, else float32)",
                       choices=("auto", "float32", "bfloat16"))
     threads: int = _opt(0, "torch CPU threads (0: one per available core)", ge=0)
+    round_timeout: float = _opt(0.0, "seconds a client may take to reply in a round (0: no limit)", ge=0)
+    max_update_norm_ratio: float = _opt(0.0, "reject an update whose norm exceeds this × the round's median "
+                                             "(0: off)", ge=0)
 
 
 @dataclass(frozen=True)
 class RuntimeConfig(_Section):
     SECTION = "runtime"
     kind: str = _opt("simulation", "embedded single-process simulation or Flower deployment", choices=("simulation", "flower"))
+
+
+@dataclass(frozen=True)
+class FaultsConfig(_Section):
+    """Seeded fault injection, per client per round, to test that runs survive broken clients."""
+
+    SECTION = "faults"
+    crash: float = _opt(0.0, "probability a client crashes before replying", ge=0, le=1)
+    nonfinite: float = _opt(0.0, "probability a client's update holds NaN/Inf", ge=0, le=1)
+    wrong_shape: float = _opt(0.0, "probability a client's update has a tensor of the wrong shape", ge=0, le=1)
+    straggler: float = _opt(0.0, "probability a client replies late (after train.round_timeout)", ge=0, le=1)
+    straggler_delay: float = _opt(0.0, "extra seconds a straggler takes (0: twice train.round_timeout)", ge=0)
+    seed: int = _opt(0, "seed of the fault draws")
+
+    @property
+    def active(self) -> bool:
+        return any((self.crash, self.nonfinite, self.wrong_shape, self.straggler))
 
 
 DEFAULT_LR = {"lora": 5e-4, "rslora": 5e-4, "vera": 1e-2}
@@ -170,6 +227,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         a, m, d, t = self.adapter, self.method, self.data, self.train
@@ -188,8 +246,8 @@ class Config:
             raise ConfigError(f"train.min_clients = {t.min_clients} exceeds the clients per round ({self.clients_per_round})")
         if d.dataset in ("csv", "jsonl") and not d.path:
             raise ConfigError(f"data.dataset = {d.dataset!r} needs data.path (the file to read)")
-        if d.partition == "pathological" and d.classes_per_client < 1:
-            raise ConfigError("data.classes_per_client must be >= 1")
+        if self.faults.straggler > 0 and t.round_timeout <= 0:
+            raise ConfigError("faults.straggler > 0 needs train.round_timeout > 0 (the deadline a straggler misses)")
 
     @property
     def clients_per_round(self) -> int:
@@ -203,7 +261,30 @@ class Config:
         share = self.method.share_head
         if share is None:
             share = get_method(self.method.name).default_share_head
-        return replace(self, train=replace(self.train, lr=lr), method=replace(self.method, share_head=share))
+        task, targets = self._resolve_task(), self.adapter.targets
+        if targets is None:  # per model family: BERT names its attention projections query/value, Llama q_proj/v_proj
+            targets = ("q_proj", "v_proj") if task == "generation" else ("query", "value")
+        return replace(self, train=replace(self.train, lr=lr), method=replace(self.method, share_head=share),
+                       data=replace(self.data, task=task), adapter=replace(self.adapter, targets=targets))
+
+    def _resolve_task(self) -> str:
+        """data.task = auto: generation for the -gen datasets and for csv/jsonl on a causal LM; checked against
+        the model family (a causal LM has no classification head, an encoder cannot generate)."""
+        d, causal = self.data, self.model.causal
+        task = d.task
+        if task == "auto":
+            task = "generation" if d.dataset in GENERATION_DATASETS or (d.dataset in ("csv", "jsonl") and causal) \
+                else "classification"
+        if task == "generation" and not causal:
+            raise ConfigError(f"data.dataset = {d.dataset!r} is a generation task, which needs a causal language model; "
+                              f"model.name = {self.model.name!r} is an encoder; use smollm2, tiny-llama or a local "
+                              "causal LM directory")
+        if task == "classification" and causal:
+            hint = f"use data.dataset = {d.dataset + '-gen'!r}" if d.dataset in ("rotten-tomatoes", "bbc-news") \
+                else "use data.task = 'generation' with instruction data"
+            raise ConfigError(f"model.name = {self.model.name!r} is a causal language model, which needs a generation "
+                              f"task; {hint}")
+        return task
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}

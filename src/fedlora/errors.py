@@ -30,3 +30,7 @@ class UpdateRejected(FedloraError):
 
 class RoundFailed(FedloraError):
     """Too few valid updates arrived for a round; the global state is left unchanged."""
+
+
+class ClientFailure(FedloraError):
+    """A client did not deliver a usable reply (crashed, timed out, raised, diverged); it is left out of the round."""

@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -18,14 +18,26 @@ if TYPE_CHECKING:
     from fedlora.experiment import Experiment
 
 
-def atomic_write(path: Path, data: bytes | str) -> None:
+def atomic_write(path: Path, data: bytes | str, before_rename: Callable[[], None] | None = None) -> None:
     """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()
         os.fsync(f.fileno())
+    if before_rename is not None:
+        before_rename()
     os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _without_samples(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A round's record as metrics.jsonl holds it: sample generations are kept in samples/ instead."""
+    return {k: v for k, v in record.items() if k != "samples"}
 
 
 class RunDir:
@@ -50,7 +62,19 @@ class RunDir:
         if not self.resume:
             (self.path / "metrics.jsonl").write_text("", encoding="utf-8")
 
+    def rewrite_metrics(self, records: list[Mapping[str, Any]]) -> None:
+        """Replace metrics.jsonl with ``records`` (on resume: drop rounds after the last checkpoint)."""
+        atomic_write(self.path / "metrics.jsonl", "".join(json.dumps(_without_samples(r)) + "\n" for r in records))
+
     def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Add a round's record to metrics.jsonl; its sample generations (generation tasks) go to
+        ``samples/round_<t>.jsonl`` instead, one JSON object per line."""
+        samples = record.get("samples")
+        if samples is not None:
+            record = _without_samples(record)
+            (self.path / "samples").mkdir(exist_ok=True)
+            atomic_write(self.path / "samples" / f"round_{record['round']}.jsonl",
+                         "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
         with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record, sort_keys=False) + "\n")
             f.flush()

@@ -6,6 +6,7 @@ both drive this object; neither contains a rule of its own.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,7 +21,8 @@ class Server:
     """Holds the global adapter state and the broadcast history of one experiment."""
 
     def __init__(self, method: Method, init_state: Mapping[str, torch.Tensor], num_clients: int,
-                 clients_per_round: int, min_clients: int, seed: int, fingerprint: str | None = None) -> None:
+                 clients_per_round: int, min_clients: int, seed: int, fingerprint: str | None = None,
+                 max_update_norm_ratio: float = 0.0) -> None:
         self.method = method
         self.global_state: State = {k: v.detach().clone() for k, v in init_state.items()}
         self.num_clients = num_clients
@@ -28,6 +30,7 @@ class Server:
         self.min_clients = min_clients
         self.seed = seed
         self.fingerprint = fingerprint
+        self.max_update_norm_ratio = max_update_norm_ratio
         self.version = 0
         # Broadcasts some client may still need: history[i] is broadcast number first + i. Non-cumulative
         # methods keep only the latest; cumulative ones keep those the most-behind client has not received.
@@ -90,16 +93,34 @@ class Server:
             raise UpdateRejected(upload.client, "VeRA projections differ from the server's (same adapter.seed "
                                                 "and model are required on every client)")
 
+    def screen(self, uploads: Sequence[Upload]) -> tuple[list[Upload], list[UpdateRejected]]:
+        """Round-level check after :meth:`validate`: with ``max_update_norm_ratio`` = c > 0, reject every update
+        whose distance from the current global state exceeds c × the median distance of the round."""
+        if self.max_update_norm_ratio <= 0 or len(uploads) < 3:  # a median of fewer than 3 protects nothing
+            return list(uploads), []
+        norms = [math.sqrt(sum(float((u.payload[k].double() - self._reference[k].double()).pow(2).sum())
+                               for k in self._reference)) for u in uploads]
+        bound = self.max_update_norm_ratio * float(np.median(norms))
+        kept, rejected = [], []
+        for u, n in zip(uploads, norms):
+            if n > bound:
+                rejected.append(UpdateRejected(u.client, f"update norm {n:.3g} exceeds {self.max_update_norm_ratio:g} "
+                                                          f"× the round's median ({bound:.3g})"))
+            else:
+                kept.append(u)
+        return kept, rejected
+
     # ---- aggregation ---------------------------------------------------------------------------------
     def aggregate(self, uploads: Sequence[Upload]) -> Broadcast:
         """Aggregate validated uploads into a new broadcast, or raise :class:`RoundFailed` (nothing changes)."""
         if len(uploads) < self.min_clients:
             raise RoundFailed(f"{len(uploads)} valid update(s), fewer than train.min_clients = {self.min_clients}")
-        broadcast = self.method.aggregate(uploads, self.global_state)
+        broadcast = replace(self.method.aggregate(uploads, self.global_state), version=self.version + 1)
         bad = [k for k, v in broadcast.payload.items() if not bool(torch.isfinite(v).all())]
         if bad:
             raise RoundFailed(f"aggregation produced non-finite values in {bad[:3]}")
         self.global_state = self.method.apply(self.global_state, broadcast)
+        self._reference = {k: self.global_state[k] for k in self._reference}
         self.history.append(broadcast)
         self.version += 1
         self._trim()

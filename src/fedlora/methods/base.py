@@ -45,6 +45,8 @@ class Broadcast:
     stats: Mapping[str, float] = field(default_factory=dict)
     # Bytes of base_update as sent; a method may send a smaller factored form (FedEx), so it says how much.
     base_update_nbytes: int | None = None
+    # Set by the server: 1 for the first broadcast, then 2, 3, ... A client applies each version once.
+    version: int = 0
 
     @property
     def nbytes(self) -> int:

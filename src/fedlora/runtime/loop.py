@@ -14,14 +14,11 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from fedlora.adapters import State
+from fedlora.checkpoint import maybe_kill
 from fedlora.config import Config
-from fedlora.errors import RoundFailed, UpdateRejected
+from fedlora.errors import ClientFailure, RoundFailed, UpdateRejected
 from fedlora.methods import Broadcast, Upload
 from fedlora.server import Server, weighted_mean_metric
-
-
-class ClientFailure(Exception):
-    """A client did not answer (crashed, timed out, raised); it is left out of the round."""
 
 
 class Transport(Protocol):
@@ -36,6 +33,8 @@ class Transport(Protocol):
 
 EVAL_FIELDS = ("acc_global", "f1_global", "loss_global", "acc_personal_mean", "acc_personal_weighted",
                "f1_personal_mean", "clients")
+# Generation tasks only (their evaluation reports a response perplexity); classification records lack them.
+GEN_FIELDS = ("ppl_global", "ppl_personal_mean")
 
 
 def _num(x: float | None) -> float | None:
@@ -60,6 +59,7 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
             missing.append({"client": c, "reason": str(e)})
             continue
         server.mark_synced(c)
+        maybe_kill("fit", round_)
         bytes_up += upload.nbytes
         try:
             server.validate(upload)
@@ -68,11 +68,15 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
             continue
         uploads.append(upload)
 
+    uploads, outliers = server.screen(uploads)
+    rejected += [{"client": e.client, "reason": e.reason} for e in outliers]
+
     failed: str | None = None
     stats: Mapping[str, float] = {}
     try:
         broadcast = server.aggregate(uploads)
         transport.on_broadcast(broadcast)
+        maybe_kill("aggregate", round_)
         stats = broadcast.stats
     except RoundFailed as e:
         failed = str(e)
@@ -91,7 +95,7 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
     if evaluate:
         bytes_down += evaluate_all(server, transport, record, missing)
     else:  # every record has the same keys; a round without evaluation has null accuracies
-        record.update(dict.fromkeys(EVAL_FIELDS))
+        record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ())))
     record["bytes_up"] = bytes_up
     record["bytes_down"] = bytes_down
     record["seconds"] = time.perf_counter() - t0
@@ -123,6 +127,14 @@ def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], m
         record["acc_personal_weighted"] = _num(weighted_mean_metric(accs, sizes))
         record["f1_personal_mean"] = _num(float(np.nanmean([m["f1"] for m in per_client.values()])))
         record["clients"] = {c: _num(m["acc"]) for c, m in per_client.items()}
+    results = {**({"global": g} if server.method.global_model else {}), **per_client}
+    if any("ppl" in m for m in results.values()):  # a generation task: perplexity and sample generations
+        record["ppl_global"] = _num(results["global"]["ppl"]) if "global" in results else None
+        record["ppl_personal_mean"] = _num(float(np.nanmean([m["ppl"] for m in per_client.values()]))) \
+            if per_client else None
+        # Not a metric: RunDir writes these to samples/round_<t>.jsonl, not to metrics.jsonl.
+        record["samples"] = [{"model": name if name == "global" else f"client {name}", **sample}
+                             for name, m in results.items() for sample in m.get("samples", ())]
     return bytes_down
 
 
@@ -166,6 +178,7 @@ def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[st
     last = evaluated[-1] if evaluated else {}
     keys = ("acc_global", "f1_global", "acc_personal_mean", "acc_personal_weighted", "f1_personal_mean", "clients")
     out: dict[str, Any] = {k: last.get(k) for k in keys}
+    out.update({k: last[k] for k in GEN_FIELDS if k in last})
     out.update(
         rounds=sum(1 for r in records if r["round"] > 0),
         final_round=records[-1]["round"] if records else 0,

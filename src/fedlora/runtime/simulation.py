@@ -10,12 +10,13 @@ the base each of them would hold.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from fedlora.adapters import State
+from fedlora.checkpoint import load_checkpoint, maybe_kill, save_checkpoint
+from fedlora.faults import FaultyTransport
 from fedlora.client import ClientNode
 from fedlora.config import Config
 from fedlora.experiment import Experiment, build
@@ -39,6 +40,7 @@ class EmbeddedTransport:
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
         self.nodes = [ClientNode(d, exp.method, exp.trainer, exp.init_state, exp.fingerprint) for d in exp.clients]
+        self.touched: set[str] = set()
 
     def fit(self, client: int, broadcasts: Sequence[Broadcast], round_: int) -> Upload:
         node = self.nodes[client]
@@ -57,28 +59,93 @@ class EmbeddedTransport:
     def on_broadcast(self, broadcast: Broadcast) -> None:
         if broadcast.base_update:
             apply_base_update(self.exp.model, broadcast.base_update)
+            self.touched.update(broadcast.base_update)
+
+    def changed_base(self) -> dict[str, torch.Tensor]:
+        """Current values of the base weights that broadcasts changed (for checkpoints)."""
+        params = dict(self.exp.model.named_parameters())
+        return {name: params[name].detach() for name in sorted(self.touched)}
+
+    def restore(self, clients: Mapping[int, Mapping[str, torch.Tensor]], versions: Mapping[int, int],
+                base: Mapping[str, torch.Tensor]) -> None:
+        """Put back client states and changed base weights from a checkpoint."""
+        for cid, state in clients.items():
+            self.nodes[cid].state = dict(state)
+            self.nodes[cid].version = versions[cid]
+        params = dict(self.exp.model.named_parameters())
+        with torch.no_grad():
+            for name, value in base.items():
+                params[name].copy_(value)
+        self.touched.update(base)
 
 
 def make_server(exp: Experiment) -> Server:
     t = exp.config.train
     return Server(exp.method, exp.init_state, len(exp.clients), exp.config.clients_per_round, t.min_clients,
-                  t.seed, exp.fingerprint)
+                  t.seed, exp.fingerprint, t.max_update_norm_ratio)
 
 
-def run(config: Config, out: RunDir | None = None, progress: bool = True,
-        exp: Experiment | None = None) -> dict[str, Any]:
-    """Run an experiment in this process; write the run directory if ``out`` is given. Returns the summary."""
+def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: Experiment | None = None,
+        resume: bool = False) -> dict[str, Any]:
+    """Run an experiment in this process; returns the summary.
+
+    With ``out``, the run directory is written as the run goes: metrics after every round, then a checkpoint
+    (atomically). With ``resume``, the run continues after the last checkpointed round of ``out``.
+    """
     start = time.perf_counter()
     exp = exp or build(config)
     server = make_server(exp)
-    transport = EmbeddedTransport(exp)
+    embedded = EmbeddedTransport(exp)
+    t = exp.config.train
+    transport: Any = embedded
+    if exp.config.faults.active or t.round_timeout > 0:
+        transport = FaultyTransport(embedded, exp.config.faults, t.round_timeout)
+    records: list[dict[str, Any]] = []
+    first_round, elapsed_before = 1, 0.0
     if out is not None:
         out.start(exp)
-    records = run_rounds(server, transport, exp.config, exp.split.global_test,
-                         on_record=out.append_metrics if out is not None else (lambda r: None), progress=progress)
-    summary = summarize(records, time.perf_counter() - start)
+        if resume:
+            ckpt = load_checkpoint(out.path / "checkpoint", server)
+            embedded.restore(ckpt.clients, ckpt.client_versions, ckpt.base)
+            records, first_round, elapsed_before = list(ckpt.records), ckpt.round + 1, ckpt.elapsed
+            out.rewrite_metrics(records)
+
+    def on_record(record: dict[str, Any]) -> None:
+        records.append(record)
+        if out is None:
+            return
+        out.append_metrics(record)
+        maybe_kill("metrics", record["round"])
+        save_checkpoint(out.path / "checkpoint", record["round"], server,
+                        {i: n.state for i, n in enumerate(embedded.nodes)},
+                        {i: n.version for i, n in enumerate(embedded.nodes)}, embedded.changed_base(), records,
+                        elapsed_before + time.perf_counter() - start)
+
+    run_rounds(server, transport, exp.config, exp.split.global_test, on_record=on_record, start_round=first_round,
+               progress=progress)
+    summary = summarize(records, elapsed_before + time.perf_counter() - start)
+    if isinstance(transport, FaultyTransport):
+        summary["faults_injected"] = injected_from(records, transport)
     if out is not None:
-        out.save_adapters(exp, {i: n.state for i, n in enumerate(transport.nodes)},
+        out.save_adapters(exp, {i: n.state for i, n in enumerate(embedded.nodes)},
                           server.global_state if exp.method.global_model else None)
         out.finish(exp, summary)
     return summary
+
+
+def injected_from(records: list[dict[str, Any]], transport: FaultyTransport) -> dict[str, int]:
+    """Faults injected over the whole run, recomputed from the seeded draws (so a resumed run counts all)."""
+    from fedlora.faults import KINDS, draw
+
+    counts = dict.fromkeys(KINDS, 0)
+    cfg = transport.cfg
+    for r in records:
+        if r["round"] == 0:
+            continue
+        chosen = r["participants"] + [m["client"] for m in r["rejected"]] + [
+            m["client"] for m in r["missing"] if not m["reason"].startswith("evaluation")]
+        for c in chosen:
+            d = draw(cfg, r["round"], c)
+            for k in KINDS:
+                counts[k] += int(getattr(d, k) and not (k != "crash" and d.crash))
+    return counts
