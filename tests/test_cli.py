@@ -27,7 +27,7 @@ def test_run_writes_a_run_directory_and_prints_the_table(tmp_path, capsys) -> No
     assert main(["run", *TINY_SET, "--set", "method.name=fedit", "--set", "adapter.kind=vera", "--out", str(out),
                  "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "fedit" in printed and "vera" in printed and "sent up" in printed
+    assert "fedit/vera" in printed and "personal" in printed and "down" in printed
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "fedit" and summary["adapter"] == "vera"
 

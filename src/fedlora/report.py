@@ -116,14 +116,15 @@ def _fmt_bytes(n: int) -> str:
 
 def summary_table(rows: list[Mapping[str, Any]]) -> Any:
     """A rich Table of final global / personalized accuracy and bytes, one row per run summary."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="fedlora results", show_lines=False)
-    # Short headers: the table must fit an 80-column terminal without wrapping.
-    for col in ("method", "adapter", "global acc", "personal acc", "(weighted)", "sent up", "sent down", "time"):
-        table.add_column(col, justify="left" if col in ("method", "adapter") else "right")
+    # Short headers and a light box: the table must fit an 80-column terminal without wrapping.
+    table = Table(title="accuracy: global model · personalized (mean, weighted) | bytes sent", box=box.SIMPLE_HEAD)
+    for col in ("method", "global", "personal", "weighted", "up", "down", "time"):
+        table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
     for s in rows:
-        table.add_row(s["method"], s["adapter"], _fmt_acc(s.get("acc_global")), _fmt_acc(s.get("acc_personal_mean")),
-                      _fmt_acc(s.get("acc_personal_weighted")), _fmt_bytes(s["bytes_up_total"]),
-                      _fmt_bytes(s["bytes_down_total"]), f"{s['wall_seconds']:.0f} s")
+        table.add_row(f"{s['method']}/{s['adapter']}", _fmt_acc(s.get("acc_global")),
+                      _fmt_acc(s.get("acc_personal_mean")), _fmt_acc(s.get("acc_personal_weighted")),
+                      _fmt_bytes(s["bytes_up_total"]), _fmt_bytes(s["bytes_down_total"]), f"{s['wall_seconds']:.0f} s")
     return table
