@@ -25,16 +25,22 @@ SPLITS = ("balanced", "fedit-scale")
 # 4096×160 layer) instead of Householder QR (~15 ms). Cholesky-QR's Q is orthonormal only up to
 # δ ≈ eps·κ(R)². The product then differs from the exact truncated SVD by O(δ) (relative, for a clear gap
 # σ_r > σ_{r+1}) and its error exceeds the optimum by only O(δ²), because the optimum is stationary. It is
-# accepted while eps·κ² ≤ 1e-8 (κ ≤ 6.7e3 in float64, for the column-equilibrated factor, estimated from
-# above by ‖G'‖_F·‖R'⁻¹‖_F² without an SVD), which keeps products within ~1e-8 of the exact answer.
-# Otherwise (rank-deficient or ill-conditioned factors: identical clients, zero-initialised B, zero weights)
-# the Householder path runs, which is backward stable whatever the rank.
+# accepted while eps·κ² ≤ 1e-8 (κ ≤ 6.7e3 in float64, for the column-equilibrated factor), which keeps
+# products within ~1e-8 of the exact answer. Otherwise (rank-deficient or ill-conditioned factors: identical
+# clients, zero-initialised B, N·r > d) the Householder path runs, which is backward stable whatever the rank.
+# (κ comes from the eigenvalues of the equilibrated n×n Gram matrix: the bound ‖G'‖_F·‖R'⁻¹‖_F² costs less
+# but over-estimates κ² some 100× on 160 columns and sent clients that differ by 0.5% to the slow path.)
 _CHOLQR_MAX_DISTORTION = 1e-8
 
-# flora_na computes in float64 whatever the input dtype. Measured by benchmarks/aggregation.py: in float32
-# Cholesky-QR's δ ≈ 6e-8·κ² breaks the 1e-4 budget as soon as κ ≳ 40 (typical of real client factors), so
-# float32 would mean Householder everywhere, which is *slower* on CPU than float64 Cholesky-QR. The casts
-# cost one copy of a layer's factors; the d×rank outputs are cast back to the input dtype.
+# flora_na computes in float64 whatever the input dtype, decided by benchmarks/aggregation.py (64 layers of
+# 4096×4096, r=16, 10 float32 clients, 2 threads): float64 inside took 1.6 s with an excess over the rank-r
+# optimum of 1e-13. Float32 inside is safe only with Householder QR (Cholesky-QR in float32 would need κ ≤ 9
+# under the guard above), which took 2.6 s; unguarded float32 Cholesky-QR took 0.66 s. Both float32 variants
+# meet the 1e-4 target while clients differ a lot (drift 50% of the shared part: excess 2e-10), but not when
+# they are close, as after a few rounds from a common broadcast: at 0.5% drift their error is 1.02× the
+# optimum, worse than FedIT's 1.016×, and at 0.05% it is 18.9× (FedIT 1.4×), while float64 inside gives
+# 1.00001× and 1.1× (the float32 rounding of the returned factors). The casts cost one copy of a layer's
+# factors (the working set is ~2.5× one layer's uploads); the d×rank outputs are cast back to the input dtype.
 _COMPUTE_DTYPE = torch.float64
 
 
@@ -114,9 +120,9 @@ class _Layer:
         return self.Bs[0]
 
 
-def _check_pair(B: object, A: object, label: str, ref: Tensor | None) -> tuple[Tensor, Tensor]:
-    B = _check_tensor(B, f"{label}: B", ref, 2)
-    A = _check_tensor(A, f"{label}: A", ref if ref is not None else B, 2)
+def _check_pair(b: object, a: object, label: str, ref: Tensor | None) -> tuple[Tensor, Tensor]:
+    B = _check_tensor(b, f"{label}: B", ref, 2)
+    A = _check_tensor(a, f"{label}: A", ref if ref is not None else B, 2)
     if B.shape[1] != A.shape[0]:
         raise ValueError(f"{label}: B is {_dims(B)} but A is {_dims(A)}; B's columns must equal A's rows")
     if 0 in (*B.shape, A.shape[1]):
@@ -180,9 +186,16 @@ def _concat(layer: _Layer, dtype: torch.dtype, weight_on: str, skip_zero: bool =
 def _fedit_means(layer: _Layer) -> tuple[Tensor, Tensor]:
     """FedIT's (B̄, Ā); heterogeneous ranks are zero-padded to the largest (that leaves each B_u·A_u unchanged)."""
     r = max(layer.ranks)
+    if min(layer.ranks) == r:
+        return _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
     Bs = [torch.nn.functional.pad(B, (0, r - B.shape[1])) for B in layer.Bs]
     As = [torch.nn.functional.pad(A, (0, 0, 0, r - A.shape[0])) for A in layer.As]
     return _weighted_sum(Bs, layer.p), _weighted_sum(As, layer.p)
+
+
+def _norm(t: Tensor) -> float:
+    """Frobenius norm accumulated in float64, without a float64 copy of ``t``."""
+    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
 
 
 def _orthonormal_basis(X: Tensor, method: str = "auto") -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -196,17 +209,16 @@ def _orthonormal_basis(X: Tensor, method: str = "auto") -> tuple[Tensor, Callabl
         scale = G.diagonal().sqrt()  # equilibrate the columns first: κ of X·diag(1/‖x_j‖) is what matters
         if bool((scale > 0).all()):
             G = G / torch.outer(scale, scale)
-            R, info = torch.linalg.cholesky_ex(G, upper=True)
-            ok = int(info) == 0
+            ok = method == "cholesky"
+            if not ok:  # κ₂(R')² = κ(G') from the n×n eigenvalues: ~1 ms, next to ~3 ms for the Gram itself
+                eigenvalues = torch.linalg.eigvalsh(G)
+                lo, hi = float(eigenvalues[0]), float(eigenvalues[-1])
+                ok = lo > 0 and torch.finfo(X.dtype).eps * hi / lo <= _CHOLQR_MAX_DISTORTION
             if ok:
-                eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-                R_inv = torch.linalg.solve_triangular(R, eye, upper=True)
-                # κ₂(R')² = ‖G'‖₂‖R'⁻¹‖₂² ≤ ‖G'‖_F‖R'⁻¹‖_F²: a cheap, safe over-estimate
-                kappa_sq = float(torch.linalg.matrix_norm(G) * torch.linalg.matrix_norm(R_inv).square())
-                ok = method == "cholesky" or torch.finfo(X.dtype).eps * kappa_sq <= _CHOLQR_MAX_DISTORTION
-            if ok:
-                R_inv = R_inv / scale[:, None]  # X·D⁻¹ = Q·R'  ⇒  X = Q·(R'·D), (R'·D)⁻¹ = D⁻¹·R'⁻¹
-                return R * scale, lambda M: X @ (R_inv @ M)
+                R, info = torch.linalg.cholesky_ex(G, upper=True)
+                if int(info) == 0:
+                    R = R * scale  # X·D⁻¹ = Q·R'  ⇒  X = Q·(R'·D)
+                    return R, lambda M: X @ torch.linalg.solve_triangular(R, M, upper=True)
     a, tau = torch.geqrf(X)
     m = min(X.shape)
 
@@ -238,12 +250,13 @@ def weighted_mean(tensors: Sequence[Tensor], weights: Weights) -> Tensor:
     """Σ p_u T_u for same-shape tensors (A-only, B-only, heads, VeRA vectors), in their dtype and device."""
     ts = _as_list(tensors, "tensors")
     p = normalize_weights(weights, len(ts))
-    first = _check_tensor(ts[0], "tensor 0", None, None)
-    for u, t in enumerate(ts[1:], start=1):
-        _check_tensor(t, f"tensor {u}", first, None)
-        if t.shape != first.shape:
-            raise ValueError(f"tensor {u} has shape {tuple(t.shape)} but tensor 0 has {tuple(first.shape)}")
-    return _weighted_sum(ts, p.tolist())  # type: ignore[arg-type]
+    checked: list[Tensor] = []
+    for u, t in enumerate(ts):
+        checked.append(_check_tensor(t, f"tensor {u}", checked[0] if checked else None, None))
+        if checked[u].shape != checked[0].shape:
+            raise ValueError(f"tensor {u} has shape {tuple(checked[u].shape)} but tensor 0 has "
+                             f"{tuple(checked[0].shape)}")
+    return _weighted_sum(checked, p.tolist())
 
 
 def ideal_update(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> Tensor:
@@ -293,10 +306,9 @@ def flora_na(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, rank:
             A = A_bar.to(_COMPUTE_DTYPE)[:rank]
             A = torch.nn.functional.pad(A, (0, 0, 0, rank - A.shape[0]))
         else:
-            target = float(torch.linalg.matrix_norm(B_bar.to(_COMPUTE_DTYPE))
-                           / torch.linalg.matrix_norm(A_bar.to(_COMPUTE_DTYPE)))
-            if 0 < target < math.inf:
-                c = math.sqrt(target * float(torch.linalg.matrix_norm(A) / torch.linalg.matrix_norm(B)))
+            b_bar, a_bar = _norm(B_bar), _norm(A_bar)
+            c = math.sqrt(b_bar / a_bar * _norm(A) / _norm(B)) if a_bar > 0 else 0.0
+            if 0 < c < math.inf:  # B̄ = 0 or Ā = 0: no positive c matches, keep the balanced split
                 B, A = B * c, A / c
     dtype = layer.ref.dtype
     return B.to(dtype), A.to(dtype)
