@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 import torch
@@ -136,20 +136,46 @@ def projection_fingerprint(peft_model: PeftModel) -> str | None:
 
 
 @dataclass(frozen=True)
+class LayerMeta:
+    """An adapted layer's frozen base weight: its parameter name, whether it is stored in×out (GPT-2's Conv1D,
+    ``fan_in_fan_out``) rather than nn.Linear's out×in, and the adapter's scaling s on it."""
+
+    base_param: str
+    transposed: bool
+    scaling: float
+
+
+@dataclass(frozen=True)
 class AdapterInfo:
-    """What the methods need to know about an adapter's keys."""
+    """What the methods need to know about an adapter's keys (and, for LoRA, its layers' base weights)."""
 
     keys: tuple[str, ...]
     roles: Mapping[str, Role]
     shapes: Mapping[str, tuple[int, ...]]
+    layers: Mapping[str, LayerMeta] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: Mapping[str, torch.Tensor]) -> AdapterInfo:
+    def of(cls, state: Mapping[str, torch.Tensor], model: nn.Module | None = None) -> AdapterInfo:
         keys = tuple(sorted(state))
-        return cls(keys=keys, roles={k: role(k) for k in keys}, shapes={k: tuple(state[k].shape) for k in keys})
+        return cls(keys=keys, roles={k: role(k) for k in keys}, shapes={k: tuple(state[k].shape) for k in keys},
+                   layers=lora_layers(model, keys) if model is not None else {})
 
     def with_role(self, *roles: Role) -> tuple[str, ...]:
         return tuple(k for k in self.keys if self.roles[k] in roles)
+
+
+def lora_layers(model: nn.Module, keys: tuple[str, ...], adapter_name: str = "default") -> dict[str, LayerMeta]:
+    """:class:`LayerMeta` of every LoRA layer among ``keys`` (saved layer name → base weight), read from the model."""
+    out = {}
+    for key in keys:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        layer = layer_of(key)
+        module = model.get_submodule(layer)
+        out[layer] = LayerMeta(base_param=f"{layer}.base_layer.weight",
+                               transposed=bool(getattr(module, "fan_in_fan_out", False)),
+                               scaling=float(module.scaling[adapter_name]))
+    return out
 
 
 def nbytes(payload: Mapping[str, torch.Tensor]) -> int:

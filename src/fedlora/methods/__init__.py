@@ -8,6 +8,9 @@ from fedlora.methods.base import Broadcast, Method, Upload
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.fedsa import FedSALoRA
 from fedlora.methods.ffa import FFALoRA
+from fedlora.methods.fedex import FedExLoRA
+from fedlora.methods.flora import FLoRA
+from fedlora.methods.flora_na import FLoRANA
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -20,7 +23,7 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-for _cls in (FedIT, FFALoRA, FedSALoRA):
+for _cls in (FedIT, FFALoRA, FedSALoRA, FLoRANA, FedExLoRA, FLoRA):
     register(_cls)
 
 

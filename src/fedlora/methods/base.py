@@ -5,6 +5,7 @@ the same method objects, so no rule is written twice.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from fedlora import functional as F
-from fedlora.adapters import AdapterInfo, State, nbytes
+from fedlora.adapters import AdapterInfo, LayerMeta, State, layer_pairs, nbytes, role
 from fedlora.config import Config
 
 
@@ -96,11 +97,27 @@ class Method(ABC):
         return {k: state[k] for k in self.shared_keys()}
 
     def apply(self, state: Mapping[str, torch.Tensor], broadcast: Broadcast) -> State:
-        """A client's state after receiving ``broadcast``: shared tensors replaced, private ones kept."""
+        """A client's state after receiving ``broadcast``: shared tensors replaced, private ones kept; with
+        ``reset_adapter``, A and B start afresh (FLoRA: the adapter was merged into the base weights)."""
         new = dict(state)
+        if broadcast.reset_adapter:
+            new.update(fresh_lora(state, self.info.with_role("A", "B"), self.config.adapter.seed, broadcast.version))
         for k, v in broadcast.payload.items():
             new[k] = v.clone()
         return new
+
+    def agg_error(self, uploads: Sequence[Upload], delivered: Mapping[str, torch.Tensor],
+                  fallback: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """``agg_error``: Σ over layers of ‖ideal − delivered‖_F / ‖ideal‖_F, without forming d×k matrices
+        (LoRA only: VeRA has no factors). ``delivered`` holds each layer's delivered B and A."""
+        if not self.info.layers:
+            return {}
+        w = self.weights(uploads)
+        total = 0.0
+        for layer, (a_key, b_key) in layer_pairs(self.info.with_role("A", "B")).items():
+            Bs, As = factors(uploads, a_key, b_key, fallback)
+            total += F.relative_error(Bs, As, w, delivered[b_key], delivered[a_key])
+        return {"agg_error": total}
 
     # ---- server side ----------------------------------------------------------------------------------
     def weights(self, uploads: Sequence[Upload]) -> list[float]:
@@ -117,3 +134,55 @@ class Method(ABC):
     @abstractmethod
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         """Turn validated uploads into the broadcast. ``global_state`` is the server's current adapter."""
+
+
+# ---- helpers shared by the methods that combine B and A ----------------------------------------------------
+
+def factors(uploads: Sequence[Upload], a_key: str, b_key: str,
+            fallback: Mapping[str, torch.Tensor] | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(Bs, As) of one layer over the uploads; a side a method does not upload comes from ``fallback``."""
+    def side(key: str) -> list[torch.Tensor]:
+        return [u.payload[key] if key in u.payload else fallback[key] for u in uploads]  # type: ignore[index]
+
+    return side(b_key), side(a_key)
+
+
+def base_delta(meta: LayerMeta, P: torch.Tensor, Q: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The update s·P·Q of a base weight, in that weight's own orientation, in the cheaper of two forms: the dense
+    matrix (key ``name``) or the factors (keys ``name@P``, ``name@Q``, whose product is the dense matrix)."""
+    d, k, c = P.shape[0], Q.shape[1], P.shape[1]
+    if c * (d + k) < d * k:
+        if meta.transposed:  # Conv1D stores in×out: (sPQ)ᵀ = Qᵀ·(sPᵀ)
+            return {f"{meta.base_param}@P": Q.T.contiguous(), f"{meta.base_param}@Q": (meta.scaling * P.T).contiguous()}
+        return {f"{meta.base_param}@P": (meta.scaling * P).contiguous(), f"{meta.base_param}@Q": Q.contiguous()}
+    dense = meta.scaling * (P @ Q)
+    return {meta.base_param: (dense.T if meta.transposed else dense).contiguous()}
+
+
+def materialize(base_update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense deltas from a base update that may hold factored entries (``name@P``, ``name@Q``)."""
+    out = {}
+    for key, value in base_update.items():
+        if key.endswith("@Q"):
+            continue
+        if key.endswith("@P"):
+            name = key[:-2]
+            out[name] = value @ base_update[f"{name}@Q"]
+        else:
+            out[key] = value
+    return out
+
+
+def fresh_lora(state: Mapping[str, torch.Tensor], keys: Sequence[str], seed: int, version: int) -> dict[str, torch.Tensor]:
+    """A new LoRA initialisation for ``keys``: A ~ U(±1/√k) as PEFT's kaiming init, B = 0, from a generator seeded
+    by (seed, version) so the server and every client draw the same one."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + version)
+    out = {}
+    for key in sorted(keys):
+        t = state[key]
+        if role(key) == "A":
+            bound = 1.0 / math.sqrt(t.shape[1])
+            out[key] = ((torch.rand(t.shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(t.dtype)
+        else:
+            out[key] = torch.zeros_like(t)
+    return out

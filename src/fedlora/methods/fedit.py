@@ -16,4 +16,5 @@ class FedIT(Method):
     has_global_model = True
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
-        return Broadcast(payload=self.average(uploads, self.shared_keys()))
+        payload = self.average(uploads, self.shared_keys())
+        return Broadcast(payload=payload, stats=self.agg_error(uploads, payload, global_state))

@@ -26,4 +26,6 @@ class FFALoRA(Method):
         return self.info.with_role("A")
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
-        return Broadcast(payload=self.average(uploads, self.shared_keys()))
+        payload = self.average(uploads, self.shared_keys())
+        # Every client's A is the frozen global A, so Σ p_u B_u A = B̄A: the error is 0 up to rounding.
+        return Broadcast(payload=payload, stats=self.agg_error(uploads, {**global_state, **payload}, global_state))

@@ -21,6 +21,7 @@ from fedlora.client import ClientNode
 from fedlora.config import Config
 from fedlora.experiment import Experiment, build
 from fedlora.methods import Broadcast, Upload
+from fedlora.methods.base import materialize
 from fedlora.report import RunDir
 from fedlora.runtime.loop import run_rounds, summarize
 from fedlora.server import Server
@@ -30,7 +31,7 @@ def apply_base_update(model: torch.nn.Module, update: Mapping[str, torch.Tensor]
     """Add each delta to the base parameter of the same name (in that parameter's own orientation)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, delta in update.items():
+        for name, delta in materialize(update).items():
             params[name].add_(delta.to(params[name].device, params[name].dtype))
 
 
@@ -59,7 +60,7 @@ class EmbeddedTransport:
     def on_broadcast(self, broadcast: Broadcast) -> None:
         if broadcast.base_update:
             apply_base_update(self.exp.model, broadcast.base_update)
-            self.touched.update(broadcast.base_update)
+            self.touched.update(materialize(broadcast.base_update))
 
     def changed_base(self) -> dict[str, torch.Tensor]:
         """Current values of the base weights that broadcasts changed (for checkpoints)."""

@@ -1,0 +1,41 @@
+"""FedEx-LoRA: FedAvg of A and B, plus the residual ideal − B̄Ā folded into the frozen base weights, so the
+global model is exactly W0 + s·Σ p_u B_u A_u (Singhal et al. 2025).
+
+The residual is added with the adapter's scaling s (α/r, or α/√r for rsLoRA) and in the base weight's own
+orientation (nn.Linear out×in, Conv1D in×out). It is sent in the cheaper of its dense d×k form and its exact
+factored form [p_u B_u, −B̄]·[A_u; Ā]; the bytes counted are those of the form sent.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from fedlora import functional as F
+from fedlora.adapters import layer_pairs
+from fedlora.methods.base import Broadcast, Method, Upload, base_delta, factors
+
+
+class FedExLoRA(Method):
+    name = "fedex"
+    summary = "FedEx-LoRA (Singhal et al. 2025): FedAvg of A, B plus the exact residual folded into W0"
+    default_share_head = True
+    has_global_model = True
+    adapters = ("lora", "rslora")
+    cumulative = True  # every residual must reach every client
+
+    def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        w = self.weights(uploads)
+        payload = self.average(uploads, self.shared_keys())
+        base_update: dict[str, torch.Tensor] = {}
+        delivered: dict[str, torch.Tensor] = {}
+        for layer, (a_key, b_key) in layer_pairs(self.adapter_keys()).items():
+            Bs, As = factors(uploads, a_key, b_key)
+            P, Q = F.residual_factors(Bs, As, w, payload[b_key], payload[a_key])
+            base_update.update(base_delta(self.info.layers[layer], P, Q))
+            # what the clients' models now hold for this layer: B̄Ā + PQ = [B̄, P]·[Ā; Q]
+            delivered[b_key] = torch.cat([payload[b_key], P], dim=1)
+            delivered[a_key] = torch.cat([payload[a_key], Q], dim=0)
+        return Broadcast(payload=payload, base_update=base_update,
+                         stats=self.agg_error(uploads, delivered, global_state))

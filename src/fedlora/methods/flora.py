@@ -1,0 +1,40 @@
+"""FLoRA: stack the clients' factors, whose product is exactly the ideal update, merge s·B_stack·A_stack into
+the base weights, and let every client start the next round from a fresh adapter (Wang et al. 2024).
+
+The merged update is sent in the cheaper of its dense and its stacked (factored) form; the bytes counted are
+those of the form sent. The fresh adapter (A at a new PEFT-style random init, B = 0) is drawn from a generator
+seeded by (adapter.seed, broadcast version), so server and clients agree without sending it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from fedlora import functional as F
+from fedlora.adapters import layer_pairs
+from fedlora.methods.base import Broadcast, Method, Upload, base_delta, factors
+
+
+class FLoRA(Method):
+    name = "flora"
+    summary = "FLoRA (Wang et al. 2024): stack A, B exactly, merge into W0, fresh adapter each round"
+    default_share_head = True
+    has_global_model = True
+    adapters = ("lora", "rslora")
+    cumulative = True  # every merge must reach every client
+
+    def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        w = self.weights(uploads)
+        head = [k for k in self.shared_keys() if self.info.roles[k] == "head"]
+        payload = self.average(uploads, head)
+        base_update: dict[str, torch.Tensor] = {}
+        delivered: dict[str, torch.Tensor] = {}
+        for layer, (a_key, b_key) in layer_pairs(self.adapter_keys()).items():
+            Bs, As = factors(uploads, a_key, b_key)
+            B, A = F.flora_stack(Bs, As, w)
+            base_update.update(base_delta(self.info.layers[layer], B, A))
+            delivered[b_key], delivered[a_key] = B, A
+        return Broadcast(payload=payload, base_update=base_update, reset_adapter=True,
+                         stats=self.agg_error(uploads, delivered, global_state))
