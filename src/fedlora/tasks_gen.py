@@ -1,0 +1,175 @@
+"""Generation on a causal language model: the loss on response tokens only, evaluation by greedy generation.
+
+:class:`GenerationTask` implements the same protocol as :class:`fedlora.tasks.ClassificationTask` (``batch``,
+``loss``, ``evaluate``), so local training and both runtimes need nothing new.
+
+Batches are *left*-padded: every sequence ends at the last column, so the response tokens of all rows sit in
+the last few columns and the language-model head (576 × 49,152 for SmolLM2, the most expensive layer at these
+sequence lengths) is applied only there (``logits_to_keep``). Position ids are passed explicitly so that
+padding does not shift positions.
+
+``evaluate`` reports, over the examples it is given:
+
+* ``acc``: exact match of the greedy generation with the reference after :func:`normalize_answer` (lower case,
+  punctuation and surrounding whitespace dropped): ``"Sports."`` matches ``"sports"``;
+* ``f1``: token-level F1 between the normalised generation and reference (SQuAD-style partial credit);
+* ``loss`` and ``ppl``: mean negative log-likelihood of the reference response tokens (teacher forcing) and
+  its exponential, the response perplexity;
+* ``samples``: :data:`SAMPLES_PER_EVAL` examples, evenly spaced over those given, with their generations
+  (written to the run directory, not to metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationConfig
+
+from fedlora.data.instructions import normalize_answer
+from fedlora.data.prompts import EncodedInstructions
+
+IGNORE = -100  # label of positions without a loss (prompt, padding): PyTorch's and transformers' convention
+SAMPLES_PER_EVAL = 3  # sample generations kept per evaluated model per evaluation round
+MAX_NEW_SLACK = 4  # tokens generated beyond the longest reference (room for trailing punctuation)
+SAMPLE_PROMPT_CHARS = 300  # the end of the prompt shown with a sample
+
+__all__ = ["GenerationTask", "normalize_answer", "token_f1"]
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """F1 of the bag of normalised words of ``prediction`` against ``reference`` (1.0 when both are empty)."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _left_pad(seqs: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of sequences right-aligned in one int64 matrix."""
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for r, s in enumerate(seqs):
+        input_ids[r, width - len(s):] = s
+        mask[r, width - len(s):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, mask, positions
+
+
+class GenerationTask:
+    """Instruction following with teacher-forced cross-entropy on the response; greedy-generation evaluation."""
+
+    kind = "generation"
+
+    def __init__(self, encoded: EncodedInstructions, tokenizer: Any, logits_to_keep: bool = True,
+                 samples: int = SAMPLES_PER_EVAL) -> None:
+        self.encoded = encoded
+        self.tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token_id)
+        self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
+        self.logits_to_keep = logits_to_keep  # False for a model whose forward() lacks logits_to_keep
+        self.samples = samples
+        self.max_new_tokens = max((len(r) for r in encoded.response_ids), default=1) + MAX_NEW_SLACK
+        self._lengths = np.array([len(p) + len(r) for p, r in zip(encoded.prompt_ids, encoded.response_ids)])
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def batch(self, idx: Sequence[int] | np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        """Left-padded prompt + response: ``input_ids``, ``attention_mask``, ``position_ids`` and ``labels``
+        (the response token ids; :data:`IGNORE` on prompt and padding)."""
+        rows = [int(i) for i in np.asarray(idx).reshape(-1)]
+        prompts = [self.encoded.prompt_ids[i] for i in rows]
+        responses = [self.encoded.response_ids[i] for i in rows]
+        input_ids, mask, positions = _left_pad([torch.cat([p, r]) for p, r in zip(prompts, responses)], self.pad_id)
+        labels = torch.full_like(input_ids, IGNORE)
+        for row, r in enumerate(responses):
+            if len(r):
+                labels[row, -len(r):] = r
+        batch = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "labels": labels}
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def _response_logits(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits that predict each response position and the matching labels, both for the last K columns."""
+        labels = batch["labels"]
+        has_label = (labels != IGNORE).any(0)
+        # Every row starts with at least one prompt token, so K < width and the K+1 kept logits exist.
+        k = labels.shape[1] - int(torch.argmax(has_label.to(torch.int8))) if bool(has_label.any()) else 1
+        extra = {"logits_to_keep": k + 1} if self.logits_to_keep else {}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    position_ids=batch["position_ids"], use_cache=False, **extra)
+        # The logit at column j predicts the token at column j + 1: drop the last one.
+        return out.logits[:, -(k + 1):-1], labels[:, -k:]
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean cross-entropy over response tokens only (prompt and padding are :data:`IGNORE`)."""
+        logits, targets = self._response_logits(model, batch)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def response_nll(self, model: nn.Module, idx: np.ndarray, batch_size: int,
+                     device: torch.device) -> tuple[float, int]:
+        """Summed negative log-likelihood of the reference responses of ``idx`` and their number of tokens."""
+        idx = np.asarray(idx)
+        order = np.argsort(self._lengths[idx], kind="stable")  # similar lengths together: little padding
+        total, tokens = 0.0, 0
+        model.eval()
+        for start in range(0, len(idx), batch_size):
+            logits, targets = self._response_logits(model, self.batch(idx[order[start:start + batch_size]], device))
+            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                           ignore_index=IGNORE, reduction="sum"))
+            tokens += int((targets != IGNORE).sum())
+        return total, tokens
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> list[str]:
+        """Greedy generations (decoded, special tokens dropped) for the prompts of ``idx``, in that order."""
+        idx = np.asarray(idx)
+        order = np.argsort([len(self.encoded.prompt_ids[i]) for i in idx], kind="stable")
+        texts: list[str] = [""] * len(idx)
+        config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
+                                  pad_token_id=self.pad_id, eos_token_id=self.eos_id)
+        model.eval()
+        for start in range(0, len(idx), batch_size):
+            pos = order[start:start + batch_size]
+            input_ids, mask, _ = _left_pad([self.encoded.prompt_ids[i] for i in idx[pos]], self.pad_id)
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                 generation_config=config)
+            for p, row in zip(pos, out[:, input_ids.shape[1]:].cpu()):
+                stop = (row == self.eos_id).nonzero()
+                row = row[: int(stop[0])] if len(stop) else row
+                texts[p] = self.tokenizer.decode(row, skip_special_tokens=True)
+        return texts
+
+    def evaluate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> dict[str, Any]:
+        """Exact match (``acc``), token F1 (``f1``), response ``loss`` and ``ppl``, ``n`` and ``samples``."""
+        idx = np.asarray(idx)
+        if len(idx) == 0:
+            return {"acc": float("nan"), "f1": float("nan"), "loss": float("nan"), "ppl": float("nan"), "n": 0,
+                    "samples": []}
+        nll, tokens = self.response_nll(model, idx, batch_size, device)
+        generations = self.generate(model, idx, batch_size, device)
+        refs = [self.encoded.references[i] for i in idx]
+        exact = [normalize_answer(g) == normalize_answer(r) for g, r in zip(generations, refs)]
+        loss = nll / max(tokens, 1)
+        samples = []
+        # Spread over the examples (evenly spaced positions): datasets are often sorted by class.
+        picks = np.unique(np.linspace(0, len(idx) - 1, min(self.samples, len(idx))).round().astype(int))
+        for p in picks:
+            i, gen, ref, ok = idx[p], generations[p], refs[p], exact[p]
+            prompt = self.tokenizer.decode(self.encoded.prompt_ids[int(i)], skip_special_tokens=True)
+            if len(prompt) > SAMPLE_PROMPT_CHARS:
+                prompt = "…" + prompt[-SAMPLE_PROMPT_CHARS:]
+            samples.append({"example": int(i), "prompt": prompt, "reference": ref, "generation": gen,
+                            "exact_match": bool(ok)})
+        return {"acc": float(np.mean(exact)), "f1": float(np.mean([token_f1(g, r) for g, r in zip(generations, refs)])),
+                "loss": loss, "ppl": math.exp(min(loss, 700.0)), "n": int(len(idx)), "samples": samples}
