@@ -79,10 +79,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out_path = Path(args.out) if args.out else Path("runs") / (
             f"{config.method.name}-{config.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
         out = _run_dir(args, out_path, overwrite=args.overwrite)  # refuse a non-empty folder before any work
-    if config.runtime.kind == "flower":
-        from fedlora.errors import ConfigError
+    if config.runtime.kind == "flower":  # SuperLink + one SuperNode per client on 127.0.0.1 (docs/flower.md)
+        from fedlora.runtime.flower_launch import run_local
 
-        raise ConfigError("runtime.kind = 'flower' is not available in this version; use 'simulation'")
+        if args.resume:
+            raise FedloraError("--resume is not available with runtime.kind = 'flower': the clients' state lives on "
+                               "their SuperNodes, which end with the run")
+        summary = run_local(config, out, progress=not args.quiet)
+        console = Console()
+        console.print(summary_table([{"method": config.method.name, "adapter": config.adapter.kind, **summary}]))
+        console.print(f"run directory: {out.path}")
+        return 0
     exp = build(config)
     summary = simulation.run(exp.config, out, progress=not args.quiet, exp=exp, resume=bool(args.resume))
     console = Console()
