@@ -38,7 +38,7 @@ def test_config_file_and_overrides(tmp_path, capsys) -> None:
     assert main(["config", str(cfg), "--set", "adapter.rank=3"]) == 0
     out = capsys.readouterr().out
     assert 'name = "ffa"' in out and "rank = 3" in out and 'kind = "rslora"' in out
-    assert "lr = 0.0005" in out and "share_head = true" in out  # resolved defaults are written out
+    assert "lr = 0.003" in out and "share_head = true" in out  # resolved defaults are written out
 
 
 BAD = [

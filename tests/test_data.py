@@ -48,17 +48,17 @@ def mean_tv_distance(split: FederatedSplit, labels: np.ndarray, num_labels: int)
 ])
 def test_bundled_dataset_sizes_and_classes(name: str, size: int, label_names: tuple[str, ...],
                                            counts: list[int]) -> None:
-    ds = load_dataset(DataConfig(dataset=name))
+    ds = load_dataset(DataConfig(dataset=name, max_examples=0))
 
     assert (ds.name, len(ds.texts), ds.label_names) == (name, size, label_names)
     assert ds.labels.dtype == np.int64 and ds.labels.shape == (size,)
     assert np.bincount(ds.labels).tolist() == counts
     assert all(t and t == t.strip() for t in ds.texts)
-    assert load_dataset(DataConfig(dataset=name)).texts is ds.texts  # parsed once, cached in-process
+    assert load_dataset(DataConfig(dataset=name, max_examples=0)).texts is ds.texts  # parsed once, cached in-process
 
 
 def test_bbc_article_not_in_utf8_is_decoded_as_cp1252() -> None:
-    ds = load_dataset(DataConfig(dataset="bbc-news"))
+    ds = load_dataset(DataConfig(dataset="bbc-news", max_examples=0))
     assert any("a \u00a315.8m signing" in t for t in ds.texts)
     assert not any("\ufffd" in t for t in ds.texts)
 
@@ -72,7 +72,7 @@ def test_missing_bundled_package_names_the_install_command(monkeypatch: pytest.M
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     with pytest.raises(DataError, match=f"{package}.*not installed.*{command.replace('.', '[.]')}"):
-        load_dataset(DataConfig(dataset=dataset))
+        load_dataset(DataConfig(dataset=dataset, max_examples=0))
 
 
 @pytest.mark.parametrize("max_examples", [10, 500, 2_000])

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     from fedlora.report import RunDir
 
+import warnings
+
+# PEFT calls a transformers API that transformers 5 marks deprecated; nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")

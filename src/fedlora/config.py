@@ -149,7 +149,7 @@ class DataConfig(_Section):
     min_examples_per_client: int = _opt(8, "every client gets at least this many examples", ge=2)
     test_fraction: float = _opt(0.2, "stratified global test set held out before partitioning", gt=0, lt=1)
     client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
-    max_examples: int = _opt(0, "stratified subsample of the dataset before anything else (0: all)", ge=0)
+    max_examples: int = _opt(2400, "stratified subsample of the dataset before anything else (0: all; the demo uses 2400)", ge=0)
     seed: int = _opt(0, "seed of the subsample, the global test set and the partition")
 
     def __post_init__(self) -> None:
@@ -168,16 +168,16 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     SECTION = "train"
-    rounds: int = _opt(10, "federated rounds", ge=1)
+    rounds: int = _opt(8, "federated rounds", ge=1)
     clients_per_round: int = _opt(0, "clients sampled per round (0: all)", ge=0)
     min_clients: int = _opt(1, "fewest valid updates for a round to count", ge=1)
     local_steps: int = _opt(10, "optimizer steps per client per round", ge=1)
     batch_size: int = _opt(16, "examples per step", ge=1)
-    lr: float | None = _opt(None, "learning rate (unset: 5e-4 for lora/rslora, 1e-2 for vera)", gt=0)
+    lr: float | None = _opt(None, "learning rate (unset: 3e-3 for lora/rslora, 1e-2 for vera)", gt=0)
     optimizer: str = _opt("adamw", "local optimizer, fresh each round", choices=("adamw", "sgd"))
     weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) or L2 (sgd)", ge=0)
     max_grad_norm: float = _opt(1.0, "gradient clipping by global norm (0: off)", ge=0)
-    max_length: int = _opt(128, "tokens per example after truncation", ge=8)
+    max_length: int = _opt(64, "tokens per example after truncation", ge=8)
     eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1)
     eval_initial: bool = _opt(True, "evaluate before the first round (recorded as round 0)")
     eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1)
@@ -214,7 +214,7 @@ class FaultsConfig(_Section):
         return any((self.crash, self.nonfinite, self.wrong_shape, self.straggler))
 
 
-DEFAULT_LR = {"lora": 5e-4, "rslora": 5e-4, "vera": 1e-2}
+DEFAULT_LR = {"lora": 3e-3, "rslora": 3e-3, "vera": 1e-2}
 
 
 @dataclass(frozen=True)

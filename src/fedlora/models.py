@@ -12,6 +12,7 @@ cache (:func:`cache_root`), never in the repository, so every later load is a pl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.metadata
@@ -19,9 +20,10 @@ import importlib.util
 import os
 import shutil
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -219,6 +221,21 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bar for one load (they say nothing a user can act on)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        hf_logging.enable_progress_bar()
+
+
 @functools.lru_cache(maxsize=4)
 def _pretrained(path: str, num_labels: int, seed: int) -> nn.Module:
     try:
@@ -228,7 +245,9 @@ def _pretrained(path: str, num_labels: int, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new classification head is drawn from the global generator
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+            with warnings.catch_warnings(), _quiet_transformers():  # its load report says the head is new: we
+                warnings.simplefilter("ignore")                          # know, it is seeded above
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
         except (OSError, ValueError) as e:
             raise ModelError(f"cannot load a sequence-classification model from {path!r}: {e}") from None
     return model.eval()
