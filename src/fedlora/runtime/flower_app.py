@@ -94,11 +94,11 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     config = config_from_text(str(rc.get("fedlora-config", "")))
     poll = float(rc.get("poll-interval", 0.1))
     startup = float(rc.get("startup-timeout", 300))
+    out_dir = str(rc.get("out-dir", "")) or f"runs/flower-{context.run_id}"
+    out = RunDir(out_dir, overwrite=bool(rc.get("overwrite")))  # refuses a non-empty folder unless overwrite
     exp = build(config)
     cfg = exp.config
     server = make_server(exp)
-    out_dir = str(rc.get("out-dir", "")) or f"runs/flower-{context.run_id}"
-    out = RunDir(out_dir, overwrite=bool(rc.get("overwrite")))  # refuses a non-empty folder unless overwrite
     out.start(exp)
     fdir = out.path / "flower"
     fdir.mkdir(exist_ok=True)
@@ -141,7 +141,8 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         from fedlora.runtime.simulation import injected_from
 
         summary["faults_injected"] = injected_from(records, loop_transport)
-    saved = transport.query("save", nodes.values(), {n: c for c, n in nodes.items()}, startup)
+    saved = transport.query("save", nodes.values(), {n: c for c, n in nodes.items()},
+                            cfg.train.round_timeout or startup)
     adapters = {}
     for c, n in sorted(nodes.items()):
         m = saved.get(n)
@@ -294,9 +295,13 @@ def _evaluate(message: Message, context: Context) -> Message:
     node.receive(codec.get_broadcasts(message.content))
     metrics = node.evaluate()
     _persist(context, setup, node)
-    return Message(RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
-                               "timing": ConfigRecord({"compute_s": time.perf_counter() - start})}),
-                   reply_to=message)
+    # Generation tasks also return sample generations (a list): they travel as JSON text, not as metrics.
+    samples = metrics.pop("samples", None)
+    content = {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+               "timing": ConfigRecord({"compute_s": time.perf_counter() - start})}
+    if samples is not None:
+        content["samples"] = ConfigRecord({"json": json.dumps(samples)})
+    return Message(RecordDict(content), reply_to=message)
 
 
 @client_app.query()

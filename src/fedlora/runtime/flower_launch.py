@@ -248,6 +248,7 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
             (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                                               f'address = "127.0.0.1:{link_port}"\ninsecure = true\n', encoding="utf-8")
             out_abs = out.path.resolve()
+            nodes = []
             for c in range(0 if simulation else n):
                 port = free_port()
                 values = {"partition-id": c, "num-partitions": n, "adapter-dir": str(out_abs / "clients" / str(c)),
@@ -258,10 +259,14 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
                     *supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}",
                     "--host", "127.0.0.1", "--port", str(port), "--isolation", "process" if warm else "subprocess",
                     "--max-wait-time", "60", "--node-config", node_config_arg(values)])
+                nodes.append((c, port, node))
                 if warm:  # in the SuperNode's process group: killing the node kills its executor too
                     procs.start(f"executor-{c}", [sys.executable, "-m", "fedlora.runtime.flower_node",
                                                   "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",
                                                   "--parent-pid", str(node.pid)], group=node.pid)
+            for c, port, node in nodes:  # each SuperNode serves its Runtime API once it is up
+                if not _wait_port(port, node, 90):
+                    raise FedloraError(f"the SuperNode of client {c} did not start ({_see(out, f'supernode-{c}')})")
             from fedlora.runtime.flower_app import APP_DIR
 
             run_config = home / "run_config.toml"

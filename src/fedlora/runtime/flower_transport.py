@@ -15,6 +15,7 @@ send_and_receive sleeps 3 s between pulls, which would dominate short rounds).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -83,7 +84,10 @@ class FlowerTransport:
             self._push("evaluate", [(c, self.server.pending(c)) for c in rest])
         reply = self._collect("evaluate", client, broadcasts)
         try:
-            return {k: float(v) for k, v in reply.content["metrics"].items()}
+            out: dict[str, Any] = {k: float(v) for k, v in reply.content["metrics"].items()}
+            if "samples" in reply.content:
+                out["samples"] = json.loads(reply.content["samples"]["json"])
+            return out
         except (KeyError, TypeError, ValueError) as e:
             raise ClientFailure(f"malformed evaluate reply: {e}") from None
 
