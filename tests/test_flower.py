@@ -320,3 +320,50 @@ def test_simulation_runtime_inside_a_private_network_namespace(tmp_path: Path) -
         y = load_file(str(tmp_path / "ray" / "clients" / c / "adapter_model.safetensors"))
         assert max(float((x[k] - y[k]).abs().max()) for k in x) <= 1e-6
     assert_all_stopped(tmp_path / "ray")
+
+
+def _write_csv(path: Path, labels: list[str], n: int, seed: int) -> None:
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    words = {"good": ["great", "fine", "lovely", "superb"], "bad": ["awful", "dull", "poor", "boring"],
+             "odd": ["strange", "weird", "curious", "quirky"]}
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            w.writerow([" ".join(rng.choice(words[label]) for _ in range(6)), label])
+
+
+def test_nodes_with_their_own_data_files(tmp_path: Path, task_identity: None) -> None:
+    server_file, files = tmp_path / "server.csv", [tmp_path / f"site{c}.csv" for c in range(2)]
+    _write_csv(server_file, ["bad", "good"], 60, 0)
+    for c, f in enumerate(files):
+        _write_csv(f, ["bad", "good"], 40 + 10 * c, c + 1)
+    cfg = tiny_config("data.num_clients=2", "train.rounds=1", "method.name=fedsa", "data.dataset=csv",
+                      f"data.path={server_file}", "data.max_examples=0")
+
+    loopback_run(cfg, tmp_path / "run", {c: {"data-file": str(f)} for c, f in enumerate(files)})
+
+    r = records(tmp_path / "run")
+    assert r[1]["participants"] == [0, 1] and r[1]["failed"] is None
+    hello = [m for m in messages(tmp_path / "run") if m["kind"] == "query.hello"]
+    assert len(hello) == 4  # every node answered
+
+
+def test_a_node_whose_file_has_other_labels_is_refused_at_start_up(tmp_path: Path, task_identity: None) -> None:
+    server_file, good, odd = tmp_path / "server.csv", tmp_path / "site0.csv", tmp_path / "site1.csv"
+    _write_csv(server_file, ["bad", "good"], 60, 0)
+    _write_csv(good, ["bad", "good"], 40, 1)
+    _write_csv(odd, ["bad", "odd"], 40, 2)
+    cfg = tiny_config("data.num_clients=2", "train.rounds=1", "method.name=fedsa", "data.dataset=csv",
+                      f"data.path={server_file}", "data.max_examples=0", "train.min_clients=1")
+
+    loopback_run(cfg, tmp_path / "run", {0: {"data-file": str(good)}, 1: {"data-file": str(odd)}})
+
+    errors = json.loads((tmp_path / "run" / "flower" / "run.json").read_text())["node_errors"]
+    assert list(errors.values()) == ["client 1's data has labels ['bad', 'odd']; the federation's labels are "
+                                     "['bad', 'good'] (every node's file must use the same label set)"]
+    assert {m["client"] for m in records(tmp_path / "run")[1]["missing"]} == {1}  # from training and evaluation
