@@ -33,7 +33,7 @@ import numpy as np
 from fedlora.config import DataConfig
 from fedlora.data.datasets import _BBC, _ROTTEN, _bundled_path, _read_bbc_news, _read_rotten_tomatoes
 from fedlora.data.partition import stratified_subsample
-from fedlora.data.userfiles import _read_text
+from fedlora.data.userfiles import _read_text, jsonl_records
 from fedlora.errors import DataError
 
 MAX_RESPONSE_CLASSES = 32  # at most this many distinct responses: each is its own partition label
@@ -144,17 +144,7 @@ def _records(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]], l
         return records, columns
     if kind != "jsonl":
         raise DataError(f"unknown file kind {kind!r}; use csv or jsonl")
-    for line, body in enumerate(text.split("\n"), start=1):  # not splitlines(): see userfiles._jsonl_rows
-        if not body.strip():
-            continue
-        try:
-            record = json.loads(body)
-        except json.JSONDecodeError as e:
-            raise DataError(f"data file {str(path)!r}: line {line} is not valid JSON ({e.msg} at column {e.colno})") \
-                from None
-        if not isinstance(record, dict):
-            raise DataError(f"data file {str(path)!r}: line {line} must be a JSON object, got {type(record).__name__}")
-        records.append((line, record))
+    records = jsonl_records(path, text)
     return records, sorted({k for _, r in records for k in r})
 
 

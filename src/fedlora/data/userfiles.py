@@ -74,7 +74,8 @@ def _csv_rows(path: Path, text: str, text_column: str, label_column: str) -> Ite
         raise DataError(f"data file {str(path)!r} is not valid CSV (line {reader.line_num}: {e})") from None
 
 
-def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> Iterator[Row]:
+def jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of every non-blank line of a JSONL file; DataError names a bad line."""
     records: list[tuple[int, dict[str, Any]]] = []
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends, which splitlines() breaks on.
     for line, body in enumerate(text.split("\n"), start=1):
@@ -86,9 +87,13 @@ def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> I
             raise DataError(f"data file {str(path)!r}: line {line} is not valid JSON ({e.msg} at column {e.colno})") \
                 from None
         if not isinstance(record, dict):
-            raise DataError(f"data file {str(path)!r}: line {line} must be a JSON object with keys "
-                            f"{text_column!r} and {label_column!r}, got {type(record).__name__}")
+            raise DataError(f"data file {str(path)!r}: line {line} must be a JSON object, got {type(record).__name__}")
         records.append((line, record))
+    return records
+
+
+def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> Iterator[Row]:
+    records = jsonl_records(path, text)
     keys = sorted({k for _, r in records for k in r})
     for column in (text_column, label_column):
         if records and column not in keys:
