@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
