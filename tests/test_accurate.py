@@ -129,3 +129,101 @@ def test_gpt2_conv1d_layers_are_seen_as_transposed() -> None:
     assert metas and all(m.transposed for m in metas.values())
     base = dict(peft_model.named_parameters())
     assert all(base[m.base_param].shape == (16, 48) for m in metas.values())  # in×out
+
+
+# ---- FLoRA with per-client ranks --------------------------------------------------------------------------
+
+HETERO = ("adapter.rank=[2,4,3]",)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora"])
+def test_flora_heterogeneous_ranks_merge_the_ideal_update(adapter: str) -> None:
+    exp, w0, server, transport, record = one_round("flora", f"adapter.kind={adapter}", *HETERO)
+    assert exp.client_adapters == {0: "rank2", 1: "default", 2: "rank3"}  # one PEFT adapter per distinct rank
+    ranks = {u.client: u.payload[exp.info.with_role("A")[0]].shape[0] for u in transport.uploads}
+    assert ranks == {0: 2, 1: 4, 2: 3}  # every client trained and uploaded at its own rank
+    params = dict(exp.model.named_parameters())
+    alpha = exp.config.adapter.alpha
+
+    def s(r: int) -> float:
+        return alpha / r if adapter == "lora" else alpha / r ** 0.5
+
+    w = [float(u.num_examples) for u in transport.uploads]
+    total = sum(w)
+    for layer, (a_key, b_key) in layer_pairs(exp.info.with_role("A", "B")).items():
+        meta = exp.info.layers[layer]
+        # Σ p_u s_u B_u A_u, each client with the scaling of its own rank, computed here independently
+        want = w0[meta.base_param].double() + sum(
+            (wu / total) * s(u.payload[a_key].shape[0]) * (u.payload[b_key].double() @ u.payload[a_key].double())
+            for wu, u in zip(w, transport.uploads))
+        torch.testing.assert_close(params[meta.base_param].double(), want, rtol=0, atol=1e-5)
+    assert record["agg_error"] < 1e-5
+    # Bytes up: each client's A and B at its own rank (float32), plus the shared head.
+    head = sum(exp.init_state[k].numel() for k in exp.info.with_role("head")) * 4
+    per_rank = {r: sum(r * exp.init_state[k].shape[1] if k in exp.info.with_role("A") else
+                       exp.init_state[k].shape[0] * r for k in exp.info.with_role("A", "B")) * 4 for r in (2, 3, 4)}
+    assert record["bytes_up"] == sum(per_rank[r] for r in ranks.values()) + 3 * head
+
+
+def test_flora_heterogeneous_ranks_next_round_starts_fresh_at_each_rank() -> None:
+    exp, _, server, transport, _ = one_round("flora", *HETERO)
+    batch = exp.task.batch(exp.split.global_test[:8], exp.device)
+    exp.trainer.load(server.global_state)
+    with torch.no_grad():
+        merged = exp.model(**batch).logits  # the merged model: global adapter has B = 0
+    for cid, node in enumerate(transport.nodes):
+        node.receive(server.pending(cid))
+        rank = exp.config.adapter.rank_of(cid)
+        for k in exp.info.with_role("A"):
+            assert node.state[k].shape[0] == rank
+        for k in exp.info.with_role("B"):
+            assert node.state[k].shape[1] == rank and torch.count_nonzero(node.state[k]) == 0
+        exp.trainer.load(node.state, node.adapter)
+        with torch.no_grad():
+            torch.testing.assert_close(exp.model(**batch).logits, merged, rtol=0, atol=1e-6)
+
+
+def test_flora_heterogeneous_ranks_server_checks_each_clients_rank() -> None:
+    exp, _, server, transport, _ = one_round("flora", *HETERO)
+    from fedlora.errors import UpdateRejected
+    from fedlora.methods import Upload
+
+    wrong = transport.uploads[1]  # client 1 has rank 4; client 0 must send rank 2
+    with pytest.raises(UpdateRejected, match=r"expected \(2, "):
+        server.validate(Upload(0, wrong.payload, wrong.num_examples, wrong.meta))
+    server.validate(Upload(1, wrong.payload, wrong.num_examples, wrong.meta))
+    with pytest.raises(UpdateRejected, match="client id 7"):
+        server.validate(Upload(7, wrong.payload, wrong.num_examples, wrong.meta))
+
+
+def test_flora_heterogeneous_ranks_saved_adapters_load_with_peft(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from peft import PeftModel
+
+    from fedlora import models
+    from fedlora.report import RunDir
+    from fedlora.runtime import simulation
+
+    cfg = tiny_config("method.name=flora", *HETERO, "train.rounds=1")
+    simulation.run(cfg, RunDir(tmp_path / "run"), progress=False)
+    exp = build(cfg)
+    batch = exp.task.batch(exp.split.global_test[:4], exp.device)
+    for cid, rank in enumerate((2, 4, 3)):
+        folder = tmp_path / "run" / "clients" / str(cid)
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == rank
+        assert not any(p.is_dir() for p in folder.iterdir())  # a plain adapter folder, no per-name subfolder
+        base = models.load_classifier(exp.config.model, 2, seed=exp.config.adapter.seed)
+        loaded = PeftModel.from_pretrained(base, str(folder))
+        assert loaded.peft_config["default"].r == rank
+        with torch.no_grad():
+            assert torch.isfinite(loaded(**batch).logits).all()
+
+
+def test_per_client_ranks_are_refused_where_factors_are_averaged() -> None:
+    with pytest.raises(ConfigError, match="per-client ranks need method.name = 'flora'"):
+        tiny_config("method.name=fedit", "adapter.rank=[2,4,4]")
+    with pytest.raises(ConfigError, match="adapter.rank has 2 entries but data.num_clients = 3"):
+        tiny_config("method.name=flora", "adapter.rank=[2,4]")
+    with pytest.raises(ConfigError, match=r"adapter.rank = .* out of range"):
+        tiny_config("method.name=flora", "adapter.rank=[0,4,4]")

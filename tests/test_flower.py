@@ -149,9 +149,10 @@ def loopback_run(cfg, out: Path, node_extra: dict[int, dict] | None = None) -> L
     return grid
 
 
-@pytest.mark.parametrize("method", ["fedsa", "fedit"])
-def test_serverapp_and_clientapp_give_the_embedded_results(tmp_path: Path, task_identity: None, method: str) -> None:
-    cfg = tiny_config("data.num_clients=2", "train.rounds=2", f"method.name={method}")
+@pytest.mark.parametrize("method,extra", [("fedsa", ()), ("fedit", ()), ("fedex", ()), ("flora", ("adapter.rank=[2,4]",))])
+def test_serverapp_and_clientapp_give_the_embedded_results(tmp_path: Path, task_identity: None, method: str,
+                                                           extra: tuple[str, ...]) -> None:
+    cfg = tiny_config("data.num_clients=2", "train.rounds=2", f"method.name={method}", *extra)
     simulation.run(cfg, RunDir(tmp_path / "embedded"), progress=False)
 
     grid = loopback_run(cfg, tmp_path / "flower")
@@ -162,8 +163,8 @@ def test_serverapp_and_clientapp_give_the_embedded_results(tmp_path: Path, task_
     for c in ("0", "1"):
         x = load_file(str(tmp_path / "embedded" / "clients" / c / "adapter_model.safetensors"))
         y = load_file(str(tmp_path / "flower" / "clients" / c / "adapter_model.safetensors"))
-        assert all(torch.equal(x[k], y[k]) for k in x)
-    assert (tmp_path / "flower" / "global").is_dir() == (method == "fedit")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    assert (tmp_path / "flower" / "global").is_dir() == (method != "fedsa")
     state = grid.contexts[100].state  # the node keeps its whole adapter, private side included ...
     assert {role(k) for k in state[STATE].keys()} == {"A", "B", "head"}
 
@@ -337,18 +338,26 @@ def _write_csv(path: Path, labels: list[str], n: int, seed: int) -> None:
             w.writerow([" ".join(rng.choice(words[label]) for _ in range(6)), label])
 
 
-def test_nodes_with_their_own_data_files(tmp_path: Path, task_identity: None) -> None:
+@pytest.mark.parametrize("method", ["fedsa", "flora"])
+def test_nodes_with_their_own_data_files(tmp_path: Path, task_identity: None, method: str) -> None:
     server_file, files = tmp_path / "server.csv", [tmp_path / f"site{c}.csv" for c in range(2)]
     _write_csv(server_file, ["bad", "good"], 60, 0)
     for c, f in enumerate(files):
         _write_csv(f, ["bad", "good"], 40 + 10 * c, c + 1)
-    cfg = tiny_config("data.num_clients=2", "train.rounds=1", "method.name=fedsa", "data.dataset=csv",
-                      f"data.path={server_file}", "data.max_examples=0")
+    # flora: per-client ranks, each node holding the one adapter of its own rank
+    extra = ["adapter.rank=[2,4]"] if method == "flora" else []
+    cfg = tiny_config("data.num_clients=2", "train.rounds=1", f"method.name={method}", "data.dataset=csv",
+                      f"data.path={server_file}", "data.max_examples=0", *extra)
 
     loopback_run(cfg, tmp_path / "run", {c: {"data-file": str(f)} for c, f in enumerate(files)})
 
     r = records(tmp_path / "run")
-    assert r[1]["participants"] == [0, 1] and r[1]["failed"] is None
+    assert r[1]["participants"] == [0, 1] and r[1]["failed"] is None and not r[1]["rejected"]
+    if method == "flora":
+        assert r[1]["agg_error"] < 1e-5
+        ranks = [json.loads((tmp_path / "run" / "clients" / str(c) / "adapter_config.json").read_text())["r"]
+                 for c in range(2)]
+        assert ranks == [2, 4]
     hello = [m for m in messages(tmp_path / "run") if m["kind"] == "query.hello"]
     assert len(hello) == 4  # every node answered
 

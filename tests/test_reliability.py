@@ -72,6 +72,23 @@ def test_sigkill_at_a_point_then_resume_gives_the_uninterrupted_result(tmp_path,
     assert_same_run(reference, out)
 
 
+def test_flora_with_per_client_ranks_resumes_bit_identical(tmp_path) -> None:
+    """FLoRA's clients of different ranks (one PEFT adapter per rank): the server's per-rank references, the
+    clients' states and the merged base weights all come back from the checkpoint."""
+    hetero = (*TINY, "train.rounds=3", "method.name=flora", "adapter.rank=[2,4,3]")
+    ref = tmp_path / "ref"
+    simulation.run(cfgmod.load(None, list(hetero)), RunDir(ref), progress=False)
+    out = tmp_path / "run"
+    proc = cli(*[arg for kv in hetero for arg in ("--set", kv)], "--out", str(out),
+               env_extra={"FEDLORA_TEST_KILL_AT": "metrics:2"})
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err
+    resumed = cli("--resume", str(out))
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert_same_run(ref, out)
+
+
 def test_external_sigkill_mid_run_then_resume(tmp_path, reference) -> None:
     out = tmp_path / "run"
     proc = cli(*SET, "--out", str(out))

@@ -52,7 +52,7 @@ def test_saved_client_adapter_reproduces_in_memory_logits(tmp_path, adapter: str
     state = transport.nodes[1].state
     simulation_out = RunDir(tmp_path / "run")
     simulation_out.start(exp)
-    simulation_out.save_adapters(exp, {1: state}, None)
+    simulation_out.save_adapters(exp, {1: (state, "default")}, None)
 
     batch = exp.task.batch(exp.clients[1].test[:6], exp.device)
     adapters.write_state(exp.slots, state)

@@ -89,6 +89,28 @@ def attach(model: nn.Module, cfg: AdapterConfig, task_type: TaskType, rank: int 
     return peft_model
 
 
+def rank_adapter_name(rank: int, default_rank: int) -> str:
+    """The PEFT adapter name of a client of rank ``rank``: ``"default"`` at the model's own rank, else
+    ``"rank<r>"`` (per-client ranks: one adapter per distinct rank, all in the one shared model)."""
+    return "default" if rank == default_rank else f"rank{rank}"
+
+
+def add_rank_adapters(peft_model: PeftModel, cfg: AdapterConfig, task_type: TaskType) -> dict[int, str]:
+    """Add one PEFT adapter for each distinct rank of a per-client rank list other than the ``default`` one
+    (rank ``cfg.max_rank``), initialised like :func:`attach`; ``{rank: adapter name}``. The ``default``
+    adapter stays active."""
+    ranks = sorted(set(cfg.rank)) if isinstance(cfg.rank, tuple) else [cfg.rank]
+    names = {r: rank_adapter_name(r, cfg.max_rank) for r in ranks}
+    for r, name in names.items():
+        if name == "default":
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            peft_model.add_adapter(name, peft_config(cfg, task_type, r))
+    peft_model.set_adapter("default")
+    return names
+
+
 def saved_name(param_name: str, adapter_name: str = "default") -> str:
     """PEFT's saved name of an in-model parameter name."""
     return param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".").removesuffix(

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fedlora import adapters
 from fedlora.config import Config, dumps
+from fedlora.errors import ConfigError
 from fedlora.report import atomic_write
 
 CSV_COLUMNS = ("layer", "a_similarity", "b_similarity", "a_change_similarity", "b_change_similarity",
@@ -107,10 +108,8 @@ def train_locally(exp: Any, progress: bool = False) -> list[dict[str, Tensor]]:
     aggregated: the federated client code (:class:`~fedlora.client.ClientNode`) with no server."""
     from tqdm.auto import tqdm
 
-    from fedlora.client import ClientNode
-
     rounds = exp.config.train.rounds
-    nodes = [ClientNode(d, exp.method, exp.trainer, exp.init_state, exp.fingerprint) for d in exp.clients]
+    nodes = [exp.client_node(d) for d in exp.clients]
     with tqdm(total=len(nodes) * rounds, desc="local training", unit="round", disable=not progress,
               dynamic_ncols=True) as bar:
         for node in nodes:
@@ -180,6 +179,9 @@ def asymmetry(config: Config, out: str | Path, progress: bool = True) -> dict[st
 
     from fedlora.experiment import build
 
+    if isinstance(config.adapter.rank, tuple):
+        raise ConfigError(f"adapter.rank = {list(config.adapter.rank)}: the asymmetry analysis compares A and B "
+                          "across clients, which needs one shape for all; give one integer rank")
     start = time.perf_counter()
     config = replace(config, method=replace(config.method, name="fedit", share_head=None))
     exp = build(config)

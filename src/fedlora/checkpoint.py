@@ -58,6 +58,9 @@ def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mappi
     tensors: dict[str, torch.Tensor] = {}
     for k, v in server.global_state.items():
         tensors[f"global/{k}"] = v
+    for name, state in server.rank_states.items():
+        for k, v in state.items():
+            tensors[f"rank/{name}/{k}"] = v
     for j, b in enumerate(server.history):
         for k, v in b.payload.items():
             tensors[f"history/{j}/payload/{k}"] = v
@@ -93,13 +96,18 @@ def load_checkpoint(directory: Path, server: Server) -> Checkpoint:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         head, rest = name.split("/", 1)
-        if head in ("client", "history"):
+        if head in ("client", "history", "rank"):
             idx, rest = rest.split("/", 1)
             head = f"{head}/{idx}"
         groups.setdefault(head, {})[rest] = t
 
     server.global_state = groups.get("global", {})
     server._reference = {k: server.global_state[k] for k in server._reference}
+    for name in server.rank_states:
+        if f"rank/{name}" not in groups:
+            raise FedloraError(f"checkpoint {str(path)!r} has no state for the rank adapter {name!r}: it was written "
+                               "by a run with other adapter ranks")
+        server.rank_states[name] = groups[f"rank/{name}"]
     history = []
     for j, hm in enumerate(meta["history"]):
         g = groups.get(f"history/{j}", {})

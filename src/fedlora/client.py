@@ -65,11 +65,17 @@ def batch_indices(train: np.ndarray, steps: int, batch_size: int, seed: int) -> 
 
 
 class LocalTrainer:
-    """Trains and evaluates client states on one shared model."""
+    """Trains and evaluates client states on one shared model.
+
+    With per-client ranks the model holds one PEFT adapter per distinct rank (``other_adapters``: adapter name
+    → its slots); each call names the adapter of the client whose state it is, and that adapter is activated.
+    """
 
     def __init__(self, model: nn.Module, slot_map: Mapping[str, nn.Parameter], task: Task, train: TrainConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, other_adapters: Mapping[str, Mapping[str, nn.Parameter]] | None = None) -> None:
         self.model = model
+        self.slot_maps = {"default": slot_map, **(other_adapters or {})}
+        self.active = "default"
         self.slots = slot_map
         self.task = task
         self.cfg = train
@@ -80,14 +86,26 @@ class LocalTrainer:
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
-    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+    def activate(self, adapter: str) -> None:
+        """Make ``adapter`` the model's active PEFT adapter (a no-op for the one adapter of equal ranks)."""
+        if adapter == self.active:
+            return
+        if adapter not in self.slot_maps:
+            raise KeyError(f"no adapter {adapter!r} in this model (have: {', '.join(self.slot_maps)})")
+        self.model.set_adapter(adapter)  # type: ignore[operator]
+        for p in self.model.parameters():  # set_adapter marks the adapter trainable; train() decides what is
+            p.requires_grad_(False)
+        self.active, self.slots = adapter, self.slot_maps[adapter]
+
+    def load(self, state: Mapping[str, torch.Tensor], adapter: str = "default") -> None:
+        self.activate(adapter)
         write_state(self.slots, state)
 
     def train(self, state: Mapping[str, torch.Tensor], data: ClientData, round_: int,
-              frozen: Collection[str] = ()) -> TrainResult:
+              frozen: Collection[str] = (), adapter: str = "default") -> TrainResult:
         """``train.local_steps`` optimizer steps from ``state``; the optimizer is fresh each round."""
         cfg = self.cfg
-        self.load(state)
+        self.load(state, adapter)
         params = []
         for key, p in self.slots.items():
             p.requires_grad_(key not in frozen)
@@ -118,9 +136,9 @@ class LocalTrainer:
         return TrainResult(state=read_state(self.slots), loss=float(np.mean(losses)),
                            num_examples=int(len(data.train)), steps=len(losses))
 
-    def evaluate(self, state: Mapping[str, torch.Tensor], idx: np.ndarray) -> dict[str, float]:
+    def evaluate(self, state: Mapping[str, torch.Tensor], idx: np.ndarray, adapter: str = "default") -> dict[str, float]:
         """Metrics of the model with ``state`` on the examples ``idx`` (real predictions)."""
-        self.load(state)
+        self.load(state, adapter)
         with self._autocast():
             return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
 
@@ -129,12 +147,15 @@ class ClientNode:
     """One client's side of the protocol: receive broadcasts, train and upload, evaluate its own model.
 
     ``state`` is the client's full adapter state (shared and private tensors). Private tensors never leave
-    this object: :meth:`fit` returns only what ``method.upload`` selects.
+    this object: :meth:`fit` returns only what ``method.upload`` selects. ``adapter`` names the model's PEFT
+    adapter of this client's rank (``"default"`` unless ranks differ between clients).
     """
 
     def __init__(self, data: ClientData, method: Method, trainer: LocalTrainer, init_state: Mapping[str, torch.Tensor],
-                 fingerprint: str | None = None, apply_base: Callable[[Mapping[str, torch.Tensor]], None] | None = None) -> None:
+                 fingerprint: str | None = None, apply_base: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
+                 adapter: str = "default") -> None:
         self.data = data
+        self.adapter = adapter
         self.method = method
         self.trainer = trainer
         self.state: State = {k: v.detach().clone() for k, v in init_state.items()}
@@ -154,7 +175,7 @@ class ClientNode:
     def fit(self, round_: int) -> tuple[Upload, TrainResult]:
         from fedlora.methods import Upload
 
-        result = self.trainer.train(self.state, self.data, round_, frozen=self.method.frozen_keys())
+        result = self.trainer.train(self.state, self.data, round_, frozen=self.method.frozen_keys(), adapter=self.adapter)
         bad = [k for k, v in result.state.items() if not bool(torch.isfinite(v).all())]
         if bad or not np.isfinite(result.loss):
             # Keep the state from before this round: nothing non-finite may enter a client's adapter.
@@ -164,4 +185,4 @@ class ClientNode:
         return Upload(self.data.client_id, self.method.upload(self.state), result.num_examples, meta), result
 
     def evaluate(self) -> dict[str, float]:
-        return self.trainer.evaluate(self.state, self.data.test)
+        return self.trainer.evaluate(self.state, self.data.test, self.adapter)

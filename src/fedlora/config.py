@@ -101,7 +101,8 @@ class ModelConfig(_Section):
 class AdapterConfig(_Section):
     SECTION = "adapter"
     kind: str = _opt("lora", "adapter family", choices=ADAPTER_KINDS)
-    rank: int | tuple[int, ...] = _opt(8, "rank r of every client's adapter", ge=1)
+    rank: int | tuple[int, ...] = _opt(8, "rank r of every client's adapter, or one rank per client "
+                                                 "(method flora only)", ge=1)
     alpha: float = _opt(16.0, "LoRA alpha: scaling s = alpha/r (lora) or alpha/sqrt(r) (rslora); unused by vera", gt=0)
     dropout: float = _opt(0.0, "dropout on the adapter input", ge=0.0, lt=1.0)
     targets: tuple[str, ...] | None = _opt(None, "names of the linear modules to adapt (unset: query, value for "
@@ -117,6 +118,10 @@ class AdapterConfig(_Section):
     @property
     def max_rank(self) -> int:
         return max(self.rank) if isinstance(self.rank, tuple) else self.rank
+
+    def rank_of(self, client: int) -> int:
+        """Client ``client``'s rank: its entry of a per-client list, else the one rank."""
+        return self.rank[client] if isinstance(self.rank, tuple) else self.rank
 
 
 @dataclass(frozen=True)
@@ -232,9 +237,14 @@ class Config:
     def __post_init__(self) -> None:
         a, m, d, t = self.adapter, self.method, self.data, self.train
         if isinstance(a.rank, tuple):
-            # Heterogeneous ranks (FLoRA) need one PEFT adapter per rank in the shared model: not built yet.
-            raise ConfigError(f"adapter.rank = {list(a.rank)}: per-client ranks are not implemented yet; "
-                              "give one integer")
+            # Per-client ranks: FLoRA stacks factors of any rank; the rules that average or combine factors
+            # elementwise need one shape everywhere.
+            if m.name != "flora":
+                raise ConfigError(f"adapter.rank = {list(a.rank)}: per-client ranks need method.name = 'flora' "
+                                  f"(stacking); {m.name!r} averages factors, which needs one rank: give one integer")
+            if len(a.rank) != d.num_clients:
+                raise ConfigError(f"adapter.rank has {len(a.rank)} entries but data.num_clients = {d.num_clients}; "
+                                  "give one rank per client, or one integer for all")
         if a.kind == "vera" and m.name in ("flora-na", "flora"):
             raise ConfigError(f"method.name = {m.name!r} needs low-rank factors B, A to combine, and adapter.kind = "
                               "'vera' has none (only the vectors lambda_b, lambda_d); use lora or rslora")

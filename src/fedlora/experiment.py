@@ -7,7 +7,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ from torch import nn
 
 from fedlora import adapters, models
 from fedlora.adapters import AdapterInfo, State
-from fedlora.client import ClientData, LocalTrainer
+from fedlora.client import ClientData, ClientNode, LocalTrainer
 from fedlora.config import Config
 from fedlora.data import FederatedSplit, TextDataset, load_dataset, split_federated
 from fedlora.data.instructions import InstructionDataset, load_instruction_dataset
@@ -42,10 +42,21 @@ class Experiment:
     fingerprint: str | None
     device: torch.device
     trainer: LocalTrainer
+    # The PEFT adapter of each client ("default" for all unless adapter.rank is a per-client list) and the
+    # initial state of every adapter of the model.
+    client_adapters: dict[int, str]
+    init_states: dict[str, State]
 
     @property
     def base_path(self) -> str | None:
         return models.resolve(self.config.model).path
+
+    def client_node(self, data: ClientData, apply_base: Callable[[Mapping[str, torch.Tensor]], None] | None = None
+                    ) -> ClientNode:
+        """The node of client ``data.client_id``, at its initial state and on its rank's adapter."""
+        adapter = self.client_adapters[data.client_id]
+        return ClientNode(data, self.method, self.trainer, self.init_states[adapter], self.fingerprint,
+                          apply_base=apply_base, adapter=adapter)
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,18 +107,24 @@ def build(config: Config) -> Experiment:
     split = split_federated(dataset.labels, config.data)
     clients = [ClientData(c.client_id, c.train, c.test) for c in split.clients]
 
-    model = adapters.attach(base, config.adapter, task_type).to(device)
+    model = adapters.attach(base, config.adapter, task_type)
+    names = adapters.add_rank_adapters(model, config.adapter, task_type)
+    model = model.to(device)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    slot_map = adapters.slots(model)
-    init_state = adapters.read_state(slot_map)
-    info = AdapterInfo.of(init_state, model)
+    slot_maps = {name: adapters.slots(model, name) for name in ["default", *sorted(set(names.values()) - {"default"})]}
+    init_states = {name: adapters.read_state(m) for name, m in slot_maps.items()}
+    info = AdapterInfo.of(init_states["default"], model)
     method = method_cls(config, info)
-    trainer = LocalTrainer(model, slot_map, task, config.train, device)
-    return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model, slots=slot_map,
-                      task=task, method=method, info=info, init_state=init_state,
-                      fingerprint=adapters.projection_fingerprint(model), device=device, trainer=trainer)
+    trainer = LocalTrainer(model, slot_maps["default"], task, config.train, device,
+                           {n: m for n, m in slot_maps.items() if n != "default"})
+    return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model,
+                      slots=slot_maps["default"], task=task, method=method, info=info,
+                      init_state=init_states["default"], fingerprint=adapters.projection_fingerprint(model),
+                      device=device, trainer=trainer,
+                      client_adapters={c.client_id: names[config.adapter.rank_of(c.client_id)] for c in clients},
+                      init_states=init_states)
 
 
 def label_histogram(exp: Experiment) -> np.ndarray:

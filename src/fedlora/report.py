@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from fedlora import adapters
 from fedlora.config import dumps
 from fedlora.errors import FedloraError
 
@@ -80,11 +80,12 @@ class RunDir:
             f.flush()
             os.fsync(f.fileno())
 
-    def save_adapters(self, exp: Experiment, client_states: Mapping[int, Mapping[str, torch.Tensor]],
+    def save_adapters(self, exp: Experiment, clients: Mapping[int, tuple[Mapping[str, torch.Tensor], str]],
                       global_state: Mapping[str, torch.Tensor] | None) -> None:
-        """Each client's final adapter in PEFT format (loadable with ``PeftModel.from_pretrained``)."""
-        for cid, state in client_states.items():
-            save_adapter(exp, state, self.path / "clients" / str(cid))
+        """Each client's final adapter (``{client: (state, PEFT adapter name)}``) and the global one in PEFT
+        format (loadable with ``PeftModel.from_pretrained``)."""
+        for cid, (state, adapter) in clients.items():
+            save_adapter(exp, state, self.path / "clients" / str(cid), adapter)
         if global_state is not None:
             save_adapter(exp, global_state, self.path / "global")
 
@@ -95,11 +96,19 @@ class RunDir:
         atomic_write(self.path / "summary.json", json.dumps(full, indent=2) + "\n")
 
 
-def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    """Write ``state`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
-    adapters.write_state(exp.slots, state)
+def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path, adapter: str = "default") -> None:
+    """Write ``state`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of the model's
+    adapter ``adapter`` (a client's rank, with per-client ranks): always a plain top-level adapter folder."""
+    exp.trainer.load(state, adapter)
     path.mkdir(parents=True, exist_ok=True)
-    exp.model.save_pretrained(str(path))
+    if adapter == "default":
+        exp.model.save_pretrained(str(path), selected_adapters=["default"])
+        return
+    # PEFT writes an adapter other than "default" into a subfolder named after it; move its files up.
+    with tempfile.TemporaryDirectory(dir=path) as tmp:
+        exp.model.save_pretrained(tmp, selected_adapters=[adapter])
+        for f in (Path(tmp) / adapter).iterdir():
+            os.replace(f, path / f.name)
 
 
 def _fmt_acc(x: float | None) -> str:

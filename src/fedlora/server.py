@@ -22,7 +22,8 @@ class Server:
 
     def __init__(self, method: Method, init_state: Mapping[str, torch.Tensor], num_clients: int,
                  clients_per_round: int, min_clients: int, seed: int, fingerprint: str | None = None,
-                 max_update_norm_ratio: float = 0.0) -> None:
+                 max_update_norm_ratio: float = 0.0, client_adapters: Sequence[str] | None = None,
+                 init_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> None:
         self.method = method
         self.global_state: State = {k: v.detach().clone() for k, v in init_state.items()}
         self.num_clients = num_clients
@@ -39,6 +40,13 @@ class Server:
         self.client_version = [0] * num_clients
         expected = method.shared_keys()
         self._reference = {k: self.global_state[k] for k in expected}
+        # Per-client ranks: each client's uploads are checked against the state a client of its rank starts
+        # the round from (the initial state of its PEFT adapter with every broadcast applied), not the global
+        # adapter's shapes. ``rank_states`` holds those states for every adapter but "default".
+        self.client_adapters = list(client_adapters) if client_adapters is not None else ["default"] * num_clients
+        self.rank_states: dict[str, State] = {
+            name: {k: v.detach().clone() for k, v in state.items()}
+            for name, state in (init_states or {}).items() if name != "default" and name in self.client_adapters}
 
     # ---- who takes part ------------------------------------------------------------------------------
     def sample(self, round_: int) -> list[int]:
@@ -68,18 +76,31 @@ class Server:
             self.first += drop
 
     # ---- validation ----------------------------------------------------------------------------------
+    def reference(self, client: int) -> Mapping[str, torch.Tensor]:
+        """The shared tensors ``client`` starts a round from (shapes of its rank): what its upload is checked
+        against."""
+        adapter = self.client_adapters[client] if 0 <= client < self.num_clients else "default"
+        if adapter == "default":
+            return self._reference
+        state = self.rank_states[adapter]
+        return {k: state[k] for k in self._reference}
+
     def validate(self, upload: Upload) -> None:
         """Raise :class:`UpdateRejected` unless the upload has exactly the shared keys, the reference shapes
-        and dtypes, only finite values, a positive example count and the expected VeRA projections."""
+        (of the client's rank) and dtypes, only finite values, a positive example count and the expected VeRA
+        projections."""
+        if not (isinstance(upload.client, int) and 0 <= upload.client < self.num_clients):
+            raise UpdateRejected(upload.client, f"client id {upload.client!r} is not one of 0..{self.num_clients - 1}")
+        reference = self.reference(upload.client)
         keys = set(upload.payload)
-        expected = set(self._reference)
+        expected = set(reference)
         if keys != expected:
             missing, extra = sorted(expected - keys), sorted(keys - expected)
             raise UpdateRejected(upload.client, f"keys differ from the shared keys (missing {missing[:3]}, "
                                                 f"unexpected {extra[:3]})")
         if not (isinstance(upload.num_examples, int) and upload.num_examples > 0):
             raise UpdateRejected(upload.client, f"num_examples = {upload.num_examples!r} must be a positive integer")
-        for k, ref in self._reference.items():
+        for k, ref in reference.items():
             t = upload.payload[k]
             if not isinstance(t, torch.Tensor):
                 raise UpdateRejected(upload.client, f"{k} is not a tensor")
@@ -98,8 +119,8 @@ class Server:
         whose distance from the current global state exceeds c × the median distance of the round."""
         if self.max_update_norm_ratio <= 0 or len(uploads) < 3:  # a median of fewer than 3 protects nothing
             return list(uploads), []
-        norms = [math.sqrt(sum(float((u.payload[k].double() - self._reference[k].double()).pow(2).sum())
-                               for k in self._reference)) for u in uploads]
+        norms = [math.sqrt(sum(float((u.payload[k].double() - ref[k].double()).pow(2).sum()) for k in ref))
+                 for u in uploads for ref in [self.reference(u.client)]]
         bound = self.max_update_norm_ratio * float(np.median(norms))
         kept, rejected = [], []
         for u, n in zip(uploads, norms):
@@ -121,6 +142,7 @@ class Server:
             raise RoundFailed(f"aggregation produced non-finite values in {bad[:3]}")
         self.global_state = self.method.apply(self.global_state, broadcast)
         self._reference = {k: self.global_state[k] for k in self._reference}
+        self.rank_states = {name: self.method.apply(state, broadcast) for name, state in self.rank_states.items()}
         self.history.append(broadcast)
         self.version += 1
         self._trim()

@@ -159,6 +159,11 @@ def base_delta(meta: LayerMeta, P: torch.Tensor, Q: torch.Tensor) -> dict[str, t
     return {meta.base_param: (dense.T if meta.transposed else dense).contiguous()}
 
 
+def base_params(base_update: Mapping[str, torch.Tensor]) -> list[str]:
+    """The base parameters a base update changes (its keys without the ``@P`` / ``@Q`` of factored entries)."""
+    return sorted({k[:-2] if k.endswith(("@P", "@Q")) else k for k in base_update})
+
+
 def materialize(base_update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Dense deltas from a base update that may hold factored entries (``name@P``, ``name@Q``)."""
     out = {}

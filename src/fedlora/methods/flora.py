@@ -1,6 +1,10 @@
 """FLoRA: stack the clients' factors, whose product is exactly the ideal update, merge s·B_stack·A_stack into
 the base weights, and let every client start the next round from a fresh adapter (Wang et al. 2024).
 
+Clients may have different ranks (``adapter.rank`` a per-client list): client u's update is s_u·B_u·A_u with its
+own scaling s_u (alpha/r_u, or alpha/sqrt(r_u) for rsLoRA), so B_u is rescaled by s_u / s before stacking, where s
+is the scaling of the global (largest-rank) adapter; the stacked product times s is then exactly Σ p_u s_u B_u A_u.
+
 The merged update is sent in the cheaper of its dense and its stacked (factored) form; the bytes counted are
 those of the form sent. The fresh adapter (A at a new PEFT-style random init, B = 0) is drawn from a generator
 seeded by (adapter.seed, broadcast version), so server and clients agree without sending it.
@@ -8,12 +12,13 @@ seeded by (adapter.seed, broadcast version), so server and clients agree without
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import torch
 
 from fedlora import functional as F
-from fedlora.adapters import layer_pairs
+from fedlora.adapters import layer_pairs, scaling
 from fedlora.methods.base import Broadcast, Method, Upload, base_delta, factors
 
 
@@ -25,7 +30,27 @@ class FLoRA(Method):
     adapters = ("lora", "rslora")
     cumulative = True  # every merge must reach every client
 
+    def rescaled(self, uploads: Sequence[Upload]) -> list[Upload]:
+        """The uploads with each B_u multiplied by s_u / s (the identity when every client has the global rank)."""
+        pairs = layer_pairs(self.adapter_keys())
+        if not pairs:
+            return list(uploads)
+        first_a = next(iter(pairs.values()))[0]
+        s = scaling(self.config.adapter)
+        out = []
+        for u in uploads:
+            factor = scaling(self.config.adapter, int(u.payload[first_a].shape[0])) / s
+            if factor == 1.0:
+                out.append(u)
+                continue
+            payload = dict(u.payload)
+            for _, b_key in pairs.values():
+                payload[b_key] = payload[b_key] * factor
+            out.append(replace(u, payload=payload))
+        return out
+
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        uploads = self.rescaled(uploads)
         w = self.weights(uploads)
         head = [k for k in self.shared_keys() if self.info.roles[k] == "head"]
         payload = self.average(uploads, head)

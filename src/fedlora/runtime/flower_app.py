@@ -52,6 +52,7 @@ from fedlora.client import ClientData, ClientNode
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.experiment import Experiment, build
+from fedlora.methods.base import base_params
 from fedlora.report import RunDir, save_adapter
 from fedlora.runtime import flower_codec as codec
 from fedlora.runtime.flower_transport import FlowerTransport, discover
@@ -177,7 +178,7 @@ class _Setup:
 
     def apply_base(self, update: Any) -> None:
         params = dict(self.exp.model.named_parameters())
-        for name in update:
+        for name in base_params(update):  # FedEx / FLoRA may send factored entries (name@P, name@Q)
             self.originals.setdefault(name, params[name].detach().clone())
         self.owner = None  # until the message completes and is persisted
         apply_base_update(self.exp.model, update)
@@ -208,7 +209,10 @@ def _build_node(config: Config, cid: int, data_file: str, fmt: str) -> tuple[Exp
 
     fmt = fmt or ("csv" if data_file.endswith(".csv") else "jsonl")
     d = replace(config.data, dataset=fmt, path=data_file, num_clients=1, max_examples=0, min_examples_per_client=2)
-    exp = build(replace(config, data=d, train=replace(config.train, clients_per_round=0, min_clients=1)))
+    # With per-client ranks the node's one adapter has this client's rank (PEFT's "default" adapter here).
+    a = replace(config.adapter, rank=config.adapter.rank_of(cid))
+    exp = build(replace(config, adapter=a, data=d, train=replace(config.train, clients_per_round=0, min_clients=1)))
+    exp.client_adapters = {cid: "default"}
     labels = np.asarray(exp.dataset.labels)  # type: ignore[union-attr]
     train, test = _train_test(np.arange(len(labels)), labels, config.data.client_test_fraction,
                               stage_rng(config.data.seed, 1000 + cid))
@@ -249,7 +253,7 @@ def _restore(context: Context, message: Message) -> tuple[_Setup, ClientNode]:
         raise FedloraError(f"message for client {header['client']} reached the node of client {data.client_id}")
     _fault_hooks(context, message.metadata.message_type, int(header["round"]))
     exp = setup.exp
-    node = ClientNode(data, exp.method, exp.trainer, exp.init_state, exp.fingerprint, apply_base=setup.apply_base)
+    node = exp.client_node(data, apply_base=setup.apply_base)
     if STATE in context.state:
         node.state = codec.from_arrays(context.state[STATE])  # type: ignore[arg-type]
         node.version = int(context.state[META]["version"])  # type: ignore[index]
@@ -323,7 +327,7 @@ def _query(message: Message, context: Context) -> Message:
         default = Path(base) / str(cid) if base else \
             Path("fedlora-adapters") / f"run-{context.run_id}" / f"client-{cid}"
         path = Path(str(context.node_config.get("adapter-dir", "") or default)).resolve()
-        save_adapter(setup.exp, node.state, path)
+        save_adapter(setup.exp, node.state, path, node.adapter)
         digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
         return Message(RecordDict({"saved": ConfigRecord({"client": cid, "path": str(path), "sha256": digest})}),
                        reply_to=message)

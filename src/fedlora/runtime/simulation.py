@@ -17,11 +17,10 @@ import torch
 from fedlora.adapters import State
 from fedlora.checkpoint import load_checkpoint, maybe_kill, save_checkpoint
 from fedlora.faults import FaultyTransport
-from fedlora.client import ClientNode
 from fedlora.config import Config
 from fedlora.experiment import Experiment, build
 from fedlora.methods import Broadcast, Upload
-from fedlora.methods.base import materialize
+from fedlora.methods.base import base_params, materialize
 from fedlora.report import RunDir
 from fedlora.runtime.loop import run_rounds, summarize
 from fedlora.server import Server
@@ -40,7 +39,7 @@ class EmbeddedTransport:
 
     def __init__(self, exp: Experiment) -> None:
         self.exp = exp
-        self.nodes = [ClientNode(d, exp.method, exp.trainer, exp.init_state, exp.fingerprint) for d in exp.clients]
+        self.nodes = [exp.client_node(d) for d in exp.clients]
         self.touched: set[str] = set()
 
     def fit(self, client: int, broadcasts: Sequence[Broadcast], round_: int) -> Upload:
@@ -60,7 +59,7 @@ class EmbeddedTransport:
     def on_broadcast(self, broadcast: Broadcast) -> None:
         if broadcast.base_update:
             apply_base_update(self.exp.model, broadcast.base_update)
-            self.touched.update(materialize(broadcast.base_update))
+            self.touched.update(base_params(broadcast.base_update))
 
     def changed_base(self) -> dict[str, torch.Tensor]:
         """Current values of the base weights that broadcasts changed (for checkpoints)."""
@@ -83,7 +82,8 @@ class EmbeddedTransport:
 def make_server(exp: Experiment) -> Server:
     t = exp.config.train
     return Server(exp.method, exp.init_state, len(exp.clients), exp.config.clients_per_round, t.min_clients,
-                  t.seed, exp.fingerprint, t.max_update_norm_ratio)
+                  t.seed, exp.fingerprint, t.max_update_norm_ratio,
+                  client_adapters=[exp.client_adapters[c.client_id] for c in exp.clients], init_states=exp.init_states)
 
 
 def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: Experiment | None = None,
@@ -128,7 +128,7 @@ def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: E
     if isinstance(transport, FaultyTransport):
         summary["faults_injected"] = injected_from(records, transport)
     if out is not None:
-        out.save_adapters(exp, {i: n.state for i, n in enumerate(embedded.nodes)},
+        out.save_adapters(exp, {i: (n.state, n.adapter) for i, n in enumerate(embedded.nodes)},
                           server.global_state if exp.method.global_model else None)
         out.finish(exp, summary)
     return summary
