@@ -12,8 +12,8 @@ higher mean global accuracy (ties: personalized accuracy).
 
 ``table``: the default demo configuration (``fedlora run`` without a config file: minilm, rotten-tomatoes,
 2,400 examples, 3 clients Dirichlet 0.5, LoRA r=8 on q/v, 8 rounds × 10 local steps) with fedit, flora-na,
-fedex and flora, and flora with heterogeneous client ranks (4, 8, 16): ``agg_error`` of every round and the
-final global and personalized accuracy. Every run is a ``fedlora compare`` grid into ``--out``, so the command
+fedex and flora, plus flora-na with the other split and flora with heterogeneous client ranks (4, 8, 16):
+``agg_error`` of every round and the final global and personalized accuracy. Every run is a ``fedlora compare`` grid into ``--out``, so the command
 is resumable: run it again and finished runs are reused.
 """
 
@@ -84,12 +84,16 @@ def table(args: argparse.Namespace) -> str:
     where = Path(args.out) / "table"
     compare(cfg, list(TABLE_METHODS), ["lora"], args.seeds, where, progress=not args.quiet)
     rows += [(r.method, r.path) for r in _runs(where)]
+    split_dir = Path(args.out) / "table-fedit-scale"
+    cfg = config.load(None, ["method.na_split=fedit-scale", *args.overrides])
+    compare(cfg, ["flora-na"], ["lora"], args.seeds, split_dir, progress=not args.quiet)
+    rows += [("flora-na (na_split fedit-scale)", r.path) for r in _runs(split_dir)]
     hetero = Path(args.out) / "table-hetero"
     cfg = config.load(None, [f"adapter.rank={HETERO_RANKS}", *args.overrides])
     compare(cfg, ["flora"], ["lora"], args.seeds, hetero, progress=not args.quiet)
     rows += [(f"flora, ranks {HETERO_RANKS}", r.path) for r in _runs(hetero)]
     order = {m: i for i, m in enumerate(TABLE_METHODS)}
-    rows.sort(key=lambda x: (order.get(x[0], len(order)), str(x[1])))
+    rows.sort(key=lambda x: (order.get(x[0].split(" ")[0].rstrip(","), len(order)), x[0], str(x[1])))
     rounds = max(len(find_runs([p])[0][0].records) for _, p in rows) - 1
     head = "| method | seed | " + " | ".join(f"agg_error r{t}" for t in range(1, rounds + 1)) \
         + " | global acc % | personalized acc % (mean / weighted) | MiB up / down |"
