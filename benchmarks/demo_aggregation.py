@@ -89,7 +89,7 @@ def table(args: argparse.Namespace) -> str:
     compare(cfg, ["flora-na"], ["lora"], args.seeds, split_dir, progress=not args.quiet)
     rows += [("flora-na (na_split fedit-scale)", r.path) for r in _runs(split_dir)]
     hetero = Path(args.out) / "table-hetero"
-    cfg = config.load(None, [f"adapter.rank={HETERO_RANKS}", *args.overrides])
+    cfg = config.load(None, ["method.name=flora", f"adapter.rank={HETERO_RANKS}", *args.overrides])
     compare(cfg, ["flora"], ["lora"], args.seeds, hetero, progress=not args.quiet)
     rows += [(f"flora, ranks {HETERO_RANKS}", r.path) for r in _runs(hetero)]
     order = {m: i for i, m in enumerate(TABLE_METHODS)}
