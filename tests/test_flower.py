@@ -243,10 +243,17 @@ def test_dropouts_crashed_clientapp_killed_supernode_and_a_failed_round(tmp_path
     assert_all_stopped(tmp_path / "run")
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs (`cmd &`) with SIGINT ignored, and children inherit
+    # that, so under such a CI runner Python would never turn SIGINT into KeyboardInterrupt. Give the CLI the
+    # default disposition a user at a terminal has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def fedlora(*args: str, cwd: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", "--quiet", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint)
 
 
 TINY_CLI = ("--set", "runtime.kind=flower", "--set", "model.name=tiny-bert", "--set", "data.num_clients=2",
