@@ -35,6 +35,18 @@ ROTTEN_LABELS = ("rotten", "fresh")
 Parsed = tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]  # texts, label ids, label names
 
 
+def check_labels(name: str, labels: np.ndarray, label_names: tuple[str, ...], count: int, what: str) -> None:
+    """A dataset's labels: a 1-D int64 array with one entry per example (``count`` of ``what``, e.g. texts),
+    each an index into ``label_names``."""
+    if labels.dtype != np.int64 or labels.ndim != 1:
+        raise DataError(f"dataset {name!r}: labels must be a 1-D int64 array, got {labels.dtype} "
+                        f"with shape {labels.shape}")
+    if len(labels) != count:
+        raise DataError(f"dataset {name!r} has {count} {what} but {len(labels)} labels")
+    if len(labels) and not (0 <= labels.min() and labels.max() < len(label_names)):
+        raise DataError(f"dataset {name!r}: labels must lie in 0..{len(label_names) - 1}")
+
+
 @dataclass(frozen=True)
 class TextDataset:
     """Texts with integer labels; ``labels[i]`` indexes ``label_names``."""
@@ -45,13 +57,7 @@ class TextDataset:
     label_names: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.labels.dtype != np.int64 or self.labels.ndim != 1:
-            raise DataError(f"dataset {self.name!r}: labels must be a 1-D int64 array, got {self.labels.dtype} "
-                            f"with shape {self.labels.shape}")
-        if len(self.texts) != len(self.labels):
-            raise DataError(f"dataset {self.name!r} has {len(self.texts)} texts but {len(self.labels)} labels")
-        if len(self.labels) and not (0 <= self.labels.min() and self.labels.max() < len(self.label_names)):
-            raise DataError(f"dataset {self.name!r}: labels must lie in 0..{len(self.label_names) - 1}")
+        check_labels(self.name, self.labels, self.label_names, len(self.texts), "texts")
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedlora.config import DataConfig
-from fedlora.data.datasets import _BBC, _ROTTEN, _bundled_path, _read_bbc_news, _read_rotten_tomatoes
+from fedlora.data.datasets import _BBC, _ROTTEN, _bundled_path, _read_bbc_news, _read_rotten_tomatoes, check_labels
 from fedlora.data.partition import stratified_subsample
 from fedlora.data.userfiles import _read_text, jsonl_records
 from fedlora.errors import DataError
@@ -60,13 +60,10 @@ class InstructionDataset:
 
     def __post_init__(self) -> None:
         n = len(self.instructions)
-        if not (len(self.inputs) == len(self.responses) == len(self.labels) == n):
-            raise DataError(f"dataset {self.name!r}: {n} instructions, {len(self.inputs)} inputs, "
-                            f"{len(self.responses)} responses and {len(self.labels)} labels must be as many")
-        if self.labels.dtype != np.int64 or self.labels.ndim != 1:
-            raise DataError(f"dataset {self.name!r}: labels must be a 1-D int64 array, got {self.labels.dtype}")
-        if n and not (0 <= self.labels.min() and self.labels.max() < len(self.label_names)):
-            raise DataError(f"dataset {self.name!r}: labels must lie in 0..{len(self.label_names) - 1}")
+        if not (len(self.inputs) == len(self.responses) == n):
+            raise DataError(f"dataset {self.name!r}: {n} instructions, {len(self.inputs)} inputs and "
+                            f"{len(self.responses)} responses must be as many")
+        check_labels(self.name, self.labels, self.label_names, n, "instructions")
 
     def __len__(self) -> int:
         return len(self.instructions)

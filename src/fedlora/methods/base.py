@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 
@@ -78,9 +78,19 @@ class Method(ABC):
         """A-side and B-side keys the method uploads (the head is added by :meth:`shared_keys`)."""
         return self.info.with_role("A", "B")
 
+    def head_keys(self) -> tuple[str, ...]:
+        """The classification head's keys, when the method shares the head (else none)."""
+        return self.info.with_role("head") if self.share_head else ()
+
+    def layer_factors(self, uploads: Sequence[Upload]) -> Iterator[tuple[str, str, str, list[torch.Tensor],
+                                                                          list[torch.Tensor]]]:
+        """``(layer, A key, B key, Bs, As)`` of every adapted layer over the uploads."""
+        for layer, (a_key, b_key) in layer_pairs(self.adapter_keys()).items():
+            Bs, As = factors(uploads, a_key, b_key)
+            yield layer, a_key, b_key, Bs, As
+
     def shared_keys(self) -> tuple[str, ...]:
-        head = self.info.with_role("head") if self.share_head else ()
-        return tuple(sorted(self.adapter_keys() + head))
+        return tuple(sorted(self.adapter_keys() + self.head_keys()))
 
     def frozen_keys(self) -> tuple[str, ...]:
         """Keys a client does not train (FFA-LoRA's A)."""

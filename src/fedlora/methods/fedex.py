@@ -13,8 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from fedlora import functional as F
-from fedlora.adapters import layer_pairs
-from fedlora.methods.base import Broadcast, Method, Upload, base_delta, factors
+from fedlora.methods.base import Broadcast, Method, Upload, base_delta
 
 
 class FedExLoRA(Method):
@@ -30,8 +29,7 @@ class FedExLoRA(Method):
         payload = self.average(uploads, self.shared_keys())
         base_update: dict[str, torch.Tensor] = {}
         delivered: dict[str, torch.Tensor] = {}
-        for layer, (a_key, b_key) in layer_pairs(self.adapter_keys()).items():
-            Bs, As = factors(uploads, a_key, b_key)
+        for layer, a_key, b_key, Bs, As in self.layer_factors(uploads):
             P, Q = F.residual_factors(Bs, As, w, payload[b_key], payload[a_key])
             base_update.update(base_delta(self.info.layers[layer], P, Q))
             # what the clients' models now hold for this layer: B̄Ā + PQ = [B̄, P]·[Ā; Q]

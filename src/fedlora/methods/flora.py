@@ -19,7 +19,7 @@ import torch
 
 from fedlora import functional as F
 from fedlora.adapters import layer_pairs, scaling
-from fedlora.methods.base import Broadcast, Method, Upload, base_delta, factors
+from fedlora.methods.base import Broadcast, Method, Upload, base_delta
 
 
 class FLoRA(Method):
@@ -52,12 +52,10 @@ class FLoRA(Method):
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         uploads = self.rescaled(uploads)
         w = self.weights(uploads)
-        head = [k for k in self.shared_keys() if self.info.roles[k] == "head"]
-        payload = self.average(uploads, head)
+        payload = self.average(uploads, self.head_keys())
         base_update: dict[str, torch.Tensor] = {}
         delivered: dict[str, torch.Tensor] = {}
-        for layer, (a_key, b_key) in layer_pairs(self.adapter_keys()).items():
-            Bs, As = factors(uploads, a_key, b_key)
+        for layer, a_key, b_key, Bs, As in self.layer_factors(uploads):
             B, A = F.flora_stack(Bs, As, w)
             base_update.update(base_delta(self.info.layers[layer], B, A))
             delivered[b_key], delivered[a_key] = B, A

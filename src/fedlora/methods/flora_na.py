@@ -14,8 +14,7 @@ from typing import Mapping, Sequence
 import torch
 
 from fedlora import functional as F
-from fedlora.adapters import layer_pairs
-from fedlora.methods.base import Broadcast, Method, Upload, factors
+from fedlora.methods.base import Broadcast, Method, Upload
 
 
 class FLoRANA(Method):
@@ -27,10 +26,8 @@ class FLoRANA(Method):
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         w = self.weights(uploads)
-        head = [k for k in self.shared_keys() if self.info.roles[k] == "head"]
-        payload = self.average(uploads, head)
-        for a_key, b_key in layer_pairs(self.adapter_keys()).values():
-            Bs, As = factors(uploads, a_key, b_key)
+        payload = self.average(uploads, self.head_keys())
+        for _, a_key, b_key, Bs, As in self.layer_factors(uploads):
             if self.config.method.na_estimator == "svd":
                 payload[b_key], payload[a_key] = F.flora_na(Bs, As, w, split=self.config.method.na_split)
             else:
