@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SPLITS", "fedex", "fedit", "fedit_error", "flora_na", "flora_na_coefficients", "flora_stack",
+__all__ = ["SPLITS", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "flora_na", "flora_na_coefficients", "flora_stack",
            "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
 
 Weights = Sequence[float] | Tensor
@@ -378,16 +378,39 @@ def _residual_factors(layer: _Layer, B: Tensor, A: Tensor, dtype: torch.dtype) -
     return torch.cat([Bc, -B.to(dtype)], dim=1), torch.cat([Ac, A.to(dtype)], dim=0)
 
 
-def fedex(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> tuple[Tensor, Tensor, Tensor]:
-    """FedEx-LoRA: (B̄, Ā, residual) with residual = ΔW̄ − B̄Ā (d×k), so that B̄Ā + residual = ΔW̄ exactly.
+def fedex_residual_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights
+                           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """FedEx-LoRA at its true rank: (B̄, Ā, P, Q) with P·Q = ΔW̄ − B̄Ā and P of at most (N−1)·r columns.
 
-    The residual is one product of the stacked factors [p_uB_u, −B̄]·[A_u; Ā] rather than a difference of two
-    d×k products. It is in (d, k) = (out, in) orientation; the caller folds s·residual into W0 in the base
-    weight's own orientation.
+    The residual is FedIT's error Σ_u p_u (B_u − B̄)(A_u − Ā). Because Σ_u p_u (B_u − B̄) = 0, the block of
+    one client m (the largest weight; ties: the first) is minus the sum of the others, which folds it into
+    them: Σ_{u≠m} p_u (B_u − B̄)(A_u − A_m). So P = [p_u (B_u − B̄)]_{u≠m} (d×(N−1)r) and
+    Q = [A_u − A_m]_{u≠m} ((N−1)r×k), half the (N+1)·r columns of the stacked form [p_uB_u, −B̄]·[A_u; Ā] for
+    3 clients. With one client (or only one of positive weight) the residual is zero and P, Q have no columns.
+    Clients of weight 0 contribute nothing and are skipped. Requires equal ranks.
     """
     layer = _validate(Bs, As, weights, equal_ranks_for="fedex")
     B_bar, A_bar = _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
-    P, Q = _residual_factors(layer, B_bar, A_bar, layer.ref.dtype)
+    live = [u for u, pu in enumerate(layer.p) if pu > 0]
+    m = max(live, key=lambda u: layer.p[u])  # the first of the largest weights (max keeps the first)
+    others = [u for u in live if u != m]
+    r = layer.ranks[0]
+    P = layer.ref.new_empty((layer.d, r * len(others)))
+    Q = layer.ref.new_empty((r * len(others), layer.k))
+    for i, u in enumerate(others):
+        torch.sub(layer.Bs[u], B_bar, out=P[:, i * r:(i + 1) * r]).mul_(layer.p[u])
+        torch.sub(layer.As[u], layer.As[m], out=Q[i * r:(i + 1) * r])
+    return B_bar, A_bar, P, Q
+
+
+def fedex(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> tuple[Tensor, Tensor, Tensor]:
+    """FedEx-LoRA: (B̄, Ā, residual) with residual = ΔW̄ − B̄Ā (d×k), so that B̄Ā + residual = ΔW̄ exactly.
+
+    The residual is the product P·Q of :func:`fedex_residual_factors` (rank ≤ (N−1)·r) rather than a
+    difference of two d×k products. It is in (d, k) = (out, in) orientation; the caller folds s·residual into
+    W0 in the base weight's own orientation.
+    """
+    B_bar, A_bar, P, Q = fedex_residual_factors(Bs, As, weights)
     return B_bar, A_bar, P @ Q
 
 

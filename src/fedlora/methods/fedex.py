@@ -2,18 +2,20 @@
 global model is exactly W0 + s·Σ p_u B_u A_u (Singhal et al. 2025).
 
 The residual is added with the adapter's scaling s (α/r, or α/√r for rsLoRA) and in the base weight's own
-orientation (nn.Linear out×in, Conv1D in×out). It is sent in the cheaper of its dense d×k form and its exact
-factored form [p_u B_u, −B̄]·[A_u; Ā]; the bytes counted are those of the form sent.
+orientation (nn.Linear out×in, Conv1D in×out). It is FedIT's error Σ p_u (B_u − B̄)(A_u − Ā), whose rank is at
+most (N−1)·r, and it is sent at that rank: in the cheaper of its dense d×k form and its exact factored form
+with (N−1)·r columns (:func:`fedlora.functional.fedex_residual_factors`); the bytes counted are those of the
+form sent. With a single participant the residual is zero and nothing is sent for it.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch
-
-from fedlora import functional as F
 from fedlora.methods.base import Broadcast, Method, Upload, base_delta
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FedExLoRA(Method):
@@ -25,13 +27,18 @@ class FedExLoRA(Method):
     cumulative = True  # every residual must reach every client
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        import torch
+
+        from fedlora import functional as F
+
         w = self.weights(uploads)
         payload = self.average(uploads, self.shared_keys())
         base_update: dict[str, torch.Tensor] = {}
         delivered: dict[str, torch.Tensor] = {}
         for layer, a_key, b_key, Bs, As in self.layer_factors(uploads):
-            P, Q = F.residual_factors(Bs, As, w, payload[b_key], payload[a_key])
-            base_update.update(base_delta(self.info.layers[layer], P, Q))
+            _, _, P, Q = F.fedex_residual_factors(Bs, As, w)
+            if P.shape[1]:  # one client (or one of positive weight): B̄Ā is already exact
+                base_update.update(base_delta(self.info.layers[layer], P, Q))
             # what the clients' models now hold for this layer: B̄Ā + PQ = [B̄, P]·[Ā; Q]
             delivered[b_key] = torch.cat([payload[b_key], P], dim=1)
             delivered[a_key] = torch.cat([payload[a_key], Q], dim=0)

@@ -2,14 +2,19 @@
 
 A runtime supplies a :class:`Transport` that reaches the clients (direct calls in the embedded simulation,
 messages through Flower in a deployment); the loop decides who trains, what each client must receive, what
-is counted, and what is recorded. Bytes are the sizes of the tensors in each message actually sent.
+is counted, and what is recorded. Bytes are the sizes of the tensors in each message actually sent, in two
+fields: ``bytes_down`` counts the protocol's messages (the broadcasts a sampled client receives before it
+trains, and the round's broadcast to the clients that took part in it), ``bytes_eval_sync`` the broadcasts
+sent to clients that did not take part, only so that their own models can be evaluated. Their sum is what was
+sent; with partial participation an evaluation sync can deliver early a broadcast that the client would
+otherwise have received when next sampled (it is then not sent again).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -92,25 +97,35 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         "failed": failed,
         **{k: float(v) for k, v in stats.items()},
     }
+    bytes_eval_sync = 0
     if evaluate:
-        bytes_down += evaluate_all(server, transport, record, missing)
+        took_part = {u.client for u in uploads} | {r["client"] for r in rejected}
+        protocol, bytes_eval_sync = evaluate_all(server, transport, record, missing, took_part)
+        bytes_down += protocol
     else:  # every record has the same keys; a round without evaluation has null accuracies
         record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ())))
     record["bytes_up"] = bytes_up
     record["bytes_down"] = bytes_down
+    record["bytes_eval_sync"] = bytes_eval_sync
     record["seconds"] = time.perf_counter() - t0
     return record
 
 
-def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], missing: list[dict[str, Any]]) -> int:
+def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], missing: list[dict[str, Any]],
+                 took_part: Collection[int] = ()) -> tuple[int, int]:
     """Evaluate every client's own model on its test split (and the global model where there is one); fill
-    ``record``'s accuracy fields. Returns the bytes sent to bring clients up to date first."""
+    ``record``'s accuracy fields. Returns the bytes sent to bring clients up to date first: (to the clients in
+    ``took_part``, the round's broadcast to its participants; to the others, evaluation-only syncs)."""
     record.update(dict.fromkeys(EVAL_FIELDS))
-    bytes_down = 0
+    protocol = eval_sync = 0
     per_client: dict[str, dict[str, float]] = {}
     for c in range(server.num_clients):
         pending = server.pending(c)
-        bytes_down += sum(b.nbytes for b in pending)
+        sent = sum(b.nbytes for b in pending)
+        if c in took_part:
+            protocol += sent
+        else:
+            eval_sync += sent
         try:
             per_client[str(c)] = transport.evaluate(c, pending)
         except ClientFailure as e:
@@ -135,7 +150,7 @@ def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], m
         # Not a metric: RunDir writes these to samples/round_<t>.jsonl, not to metrics.jsonl.
         record["samples"] = [{"model": name if name == "global" else f"client {name}", **sample}
                              for name, m in results.items() for sample in m.get("samples", ())]
-    return bytes_down
+    return protocol, eval_sync
 
 
 def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
@@ -143,7 +158,7 @@ def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
     t0 = time.perf_counter()
     record: dict[str, Any] = {"round": 0, "train_loss": None, "participants": [], "rejected": [], "missing": [],
                               "failed": None}
-    record["bytes_down"] = evaluate_all(server, transport, record, record["missing"])
+    record["bytes_down"], record["bytes_eval_sync"] = evaluate_all(server, transport, record, record["missing"])
     record["bytes_up"] = 0
     record["seconds"] = time.perf_counter() - t0
     return record
@@ -151,13 +166,16 @@ def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
 
 def run_rounds(server: Server, transport: Transport, config: Config, global_test: np.ndarray,
                on_record: Callable[[dict[str, Any]], None], start_round: int = 1,
-               progress: bool = True) -> list[dict[str, Any]]:
-    """Rounds ``start_round..train.rounds``; ``on_record`` receives each round's record as soon as it exists."""
+               progress: bool = True, evaluate_initial: bool = True) -> list[dict[str, Any]]:
+    """Rounds ``start_round..train.rounds``; ``on_record`` receives each round's record as soon as it exists.
+
+    Round 0 (the evaluation before training, with ``train.eval_initial``) is run when ``start_round`` is 1 and
+    ``evaluate_initial`` is true; a resumed run whose round 0 is already recorded passes False."""
     from tqdm.auto import tqdm
 
     t = config.train
     records = []
-    if start_round == 1 and t.eval_initial:
+    if start_round == 1 and evaluate_initial and t.eval_initial:
         records.append(initial_record(server, transport))
         on_record(records[-1])
     bar = tqdm(range(start_round, t.rounds + 1), desc=f"{config.method.name}/{config.adapter.kind}",
@@ -186,6 +204,8 @@ def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[st
         initial_acc_personal_mean=records[0].get("acc_personal_mean") if records and records[0]["round"] == 0 else None,
         bytes_up_total=int(sum(r["bytes_up"] for r in records)),
         bytes_down_total=int(sum(r["bytes_down"] for r in records)),
+        # records written before this field existed (a resumed older run) count as no evaluation-only syncs
+        bytes_eval_sync_total=int(sum(r.get("bytes_eval_sync", 0) for r in records)),
         failed_rounds=[r["round"] for r in records if r["failed"]],
         wall_seconds=wall_seconds,
     )
