@@ -2,16 +2,38 @@
 
 The promised public surface is small: the config, the method registry, the functional core and the runtime
 entry point. Everything else is importable but may change.
+
+``import fedlora`` is light: the config and the errors load at once; the parts that need torch (the functional
+core, the method registry) load on first use (PEP 562 module ``__getattr__``), so that commands such as
+``fedlora methods`` and ``fedlora config --keys`` answer without importing torch, transformers or peft.
 """
 
 from __future__ import annotations
 
-from fedlora import functional
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from fedlora.config import Config, load
 from fedlora.errors import ConfigError, DataError, FedloraError, ModelError
-from fedlora.methods import METHODS, Broadcast, Method, Upload, get_method
+
+if TYPE_CHECKING:
+    from fedlora import functional
+    from fedlora.methods import METHODS, Broadcast, Method, Upload, get_method
 
 __version__ = "0.1.0"
+
+# Public names loaded on first access: name -> the module that defines it.
+_LAZY = {"functional": "fedlora.functional", "METHODS": "fedlora.methods", "Broadcast": "fedlora.methods",
+         "Method": "fedlora.methods", "Upload": "fedlora.methods", "get_method": "fedlora.methods"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fedlora' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"fedlora.{name}" else getattr(module, name)
+    globals()[name] = value  # later accesses skip this function
+    return value
 
 
 def run(config: Config, out: str | None = None, progress: bool = False) -> dict:

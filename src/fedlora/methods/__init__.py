@@ -1,4 +1,9 @@
-"""The method registry: ``get_method(name)`` and ``METHODS`` (name → class), one module per method."""
+"""The method registry: ``get_method(name)`` and ``METHODS`` (name → class), one module per method.
+
+Importing the registry must stay light (``fedlora methods`` lists it without torch, tested in
+tests/test_speed.py): a method module imports torch, ``fedlora.functional`` and ``fedlora.adapters`` inside the
+functions that compute, and only for type checking at module level.
+"""
 
 from __future__ import annotations
 

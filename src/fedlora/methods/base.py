@@ -8,13 +8,14 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
 
-import torch
-
-from fedlora import functional as F
-from fedlora.adapters import AdapterInfo, LayerMeta, State, layer_pairs, nbytes, role
 from fedlora.config import Config
+
+if TYPE_CHECKING:  # torch, peft and the maths load when a method first computes, not when it is listed
+    import torch
+
+    from fedlora.adapters import AdapterInfo, LayerMeta, State
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class Upload:
 
     @property
     def nbytes(self) -> int:
+        from fedlora.adapters import nbytes
+
         return nbytes(self.payload)
 
 
@@ -51,6 +54,8 @@ class Broadcast:
 
     @property
     def nbytes(self) -> int:
+        from fedlora.adapters import nbytes
+
         base = nbytes(self.base_update) if self.base_update_nbytes is None else self.base_update_nbytes
         return nbytes(self.payload) + base
 
@@ -85,6 +90,8 @@ class Method(ABC):
     def layer_factors(self, uploads: Sequence[Upload]) -> Iterator[tuple[str, str, str, list[torch.Tensor],
                                                                           list[torch.Tensor]]]:
         """``(layer, A key, B key, Bs, As)`` of every adapted layer over the uploads."""
+        from fedlora.adapters import layer_pairs
+
         for layer, (a_key, b_key) in layer_pairs(self.adapter_keys()).items():
             Bs, As = factors(uploads, a_key, b_key)
             yield layer, a_key, b_key, Bs, As
@@ -120,6 +127,9 @@ class Method(ABC):
                   fallback: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """``agg_error``: Σ over layers of ‖ideal − delivered‖_F / ‖ideal‖_F, without forming d×k matrices
         (LoRA only: VeRA has no factors). ``delivered`` holds each layer's delivered B and A."""
+        from fedlora import functional as F
+        from fedlora.adapters import layer_pairs
+
         if not self.info.layers:
             return {}
         w = self.weights(uploads)
@@ -138,6 +148,8 @@ class Method(ABC):
 
     def average(self, uploads: Sequence[Upload], keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Weighted mean of each key over the uploads."""
+        from fedlora import functional as F
+
         w = self.weights(uploads)
         return {k: F.weighted_mean([u.payload[k] for u in uploads], w) for k in keys}
 
@@ -191,6 +203,10 @@ def materialize(base_update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 def fresh_lora(state: Mapping[str, torch.Tensor], keys: Sequence[str], seed: int, version: int) -> dict[str, torch.Tensor]:
     """A new LoRA initialisation for ``keys``: A ~ U(±1/√k) as PEFT's kaiming init, B = 0, from a generator seeded
     by (seed, version) so the server and every client draw the same one."""
+    import torch
+
+    from fedlora.adapters import role
+
     gen = torch.Generator().manual_seed(seed * 1_000_003 + version)
     out = {}
     for key in sorted(keys):

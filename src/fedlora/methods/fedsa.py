@@ -7,11 +7,12 @@ single global model: evaluation is personalized.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Broadcast, Method, Upload
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FedSALoRA(Method):

@@ -6,11 +6,12 @@ parametrisation. With VeRA the A side is λ_d, frozen at its shared initial valu
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Broadcast, Method, Upload
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FFALoRA(Method):

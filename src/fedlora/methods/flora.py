@@ -13,13 +13,12 @@ seeded by (adapter.seed, broadcast version), so server and clients agree without
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch
-
-from fedlora import functional as F
-from fedlora.adapters import layer_pairs, scaling
 from fedlora.methods.base import Broadcast, Method, Upload, base_delta
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FLoRA(Method):
@@ -32,6 +31,8 @@ class FLoRA(Method):
 
     def rescaled(self, uploads: Sequence[Upload]) -> list[Upload]:
         """The uploads with each B_u multiplied by s_u / s (the identity when every client has the global rank)."""
+        from fedlora.adapters import layer_pairs, scaling
+
         pairs = layer_pairs(self.adapter_keys())
         if not pairs:
             return list(uploads)
@@ -50,6 +51,8 @@ class FLoRA(Method):
         return out
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        from fedlora import functional as F
+
         uploads = self.rescaled(uploads)
         w = self.weights(uploads)
         payload = self.average(uploads, self.head_keys())

@@ -9,12 +9,12 @@ chooses how the optimal product is split into B̂ and Â (it changes the next ro
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import torch
-
-from fedlora import functional as F
 from fedlora.methods.base import Broadcast, Method, Upload
+
+if TYPE_CHECKING:
+    import torch
 
 
 class FLoRANA(Method):
@@ -25,6 +25,8 @@ class FLoRANA(Method):
     adapters = ("lora", "rslora")
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        from fedlora import functional as F
+
         w = self.weights(uploads)
         payload = self.average(uploads, self.head_keys())
         for _, a_key, b_key, Bs, As in self.layer_factors(uploads):
