@@ -6,7 +6,7 @@ so each program runs in its own short-lived process with these layers (each one 
 1. **A separate process** (``python -I -B``: isolated mode, no user site, no ``PYTHON*`` variables, no
    bytecode written) in a fresh **temporary directory** that is its working directory, ``HOME`` and ``TMPDIR``,
    with a minimal environment; the directory is deleted afterwards.
-2. **Resource limits** (``setrlimit`` in the child before ``exec``): CPU seconds, address space (memory),
+2. **Resource limits** (``setrlimit`` by the child on itself before it reads the program): CPU seconds, address space (memory),
    the size of any file it writes, open files, no core dumps; and a **wall-clock timeout** after which the
    whole process group (it runs in a new session) is killed with SIGKILL.
 3. **No network.** When ``unshare --net --map-root-user`` works on this machine (Linux with user namespaces;
@@ -80,8 +80,11 @@ class Outcome:
 # The program the child runs: install the guard, then execute the untrusted file, then print the token.
 # It reads the file and the token before the guard exists; the token leaves the environment first.
 _RUNNER = r'''
-import os, sys
+import os, resource, sys
 _path = sys.argv[1]
+for _which, _value in zip((resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE,
+                           resource.RLIMIT_CORE), map(int, sys.argv[2:7])):
+    resource.setrlimit(_which, (_value, _value))
 _token = os.environ.pop("FEDLORA_SANDBOX_TOKEN")
 _root = os.path.realpath(os.getcwd())
 with open(_path, encoding="utf-8") as _f:
@@ -142,15 +145,11 @@ def isolation() -> str:
     return "namespace" if _unshare_prefix() else "guard"
 
 
-def _limit(limits: Limits) -> None:
-    """Resource limits, set in the child between fork and exec."""
-    import resource
-
-    cpu = int(limits.timeout_s) + 1
-    for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, limits.memory_mb * 2**20),
-                         (resource.RLIMIT_FSIZE, limits.file_mb * 2**20), (resource.RLIMIT_NOFILE, limits.open_files),
-                         (resource.RLIMIT_CORE, 0)):
-        resource.setrlimit(which, (value, value))
+def _limit_args(limits: Limits) -> list[str]:
+    """The runner's resource limits (CPU s, address space, file size, open files, core size), which it sets on
+    itself before reading the program: no ``preexec_fn``, so programs may be run from several threads."""
+    return [str(v) for v in (int(limits.timeout_s) + 1, limits.memory_mb * 2**20, limits.file_mb * 2**20,
+                             limits.open_files, 0)]
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -171,11 +170,10 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
         path.write_text(program, encoding="utf-8")
         env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
                "FEDLORA_SANDBOX_TOKEN": token, "PYTHONHASHSEED": "0"}
-        cmd = [*_unshare_prefix(), sys.executable, "-I", "-B", "-c", _RUNNER, str(path)]
+        cmd = [*_unshare_prefix(), sys.executable, "-I", "-B", "-c", _RUNNER, str(path), *_limit_args(limits)]
         try:
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True,
-                                    preexec_fn=lambda: _limit(limits))  # noqa: PLW1509 - no threads hold locks here
+                                    stderr=subprocess.PIPE, start_new_session=True)
         except OSError as e:
             raise SandboxError(f"cannot start the sandboxed interpreter {sys.executable!r}: {e}") from None
         try:

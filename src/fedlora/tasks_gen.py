@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,12 +34,25 @@ from transformers import GenerationConfig
 from fedlora.data.instructions import normalize_answer
 from fedlora.data.prompts import EncodedInstructions
 
+if TYPE_CHECKING:
+    from fedlora.config import Config
+    from fedlora.data.instructions import InstructionDataset
+
 IGNORE = -100  # label of positions without a loss (prompt, padding): PyTorch's and transformers' convention
 SAMPLES_PER_EVAL = 3  # sample generations kept per evaluated model per evaluation round
 MAX_NEW_SLACK = 4  # tokens generated beyond the longest reference (room for trailing punctuation)
 SAMPLE_PROMPT_CHARS = 300  # the end of the prompt shown with a sample
 
-__all__ = ["GenerationTask", "normalize_answer", "token_f1"]
+# train.max_new_tokens = 0: these tasks' defaults (GSM8K's solutions fit 256 tokens; HumanEval is usually run at
+# 512, and most bodies need under 300); every other task generates the longest reference + MAX_NEW_SLACK.
+DEFAULT_MAX_NEW = {"math-word": 256, "python-functions": 384}
+
+__all__ = ["GenerationTask", "build_task", "normalize_answer", "token_f1"]
+
+
+def exact_match(generation: str, reference: str) -> bool:
+    """The default answer check: equal after :func:`normalize_answer`."""
+    return normalize_answer(generation) == normalize_answer(reference)
 
 
 def token_f1(prediction: str, reference: str) -> float:
@@ -72,14 +85,16 @@ class GenerationTask:
     kind = "generation"
 
     def __init__(self, encoded: EncodedInstructions, tokenizer: Any, logits_to_keep: bool = True,
-                 samples: int = SAMPLES_PER_EVAL) -> None:
+                 samples: int = SAMPLES_PER_EVAL, max_new_tokens: int = 0,
+                 match: Callable[[str, str], bool] = exact_match) -> None:
         self.encoded = encoded
         self.tokenizer = tokenizer
         self.eos_id = int(tokenizer.eos_token_id)
         self.pad_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id)
         self.logits_to_keep = logits_to_keep  # False for a model whose forward() lacks logits_to_keep
         self.samples = samples
-        self.max_new_tokens = max((len(r) for r in encoded.response_ids), default=1) + MAX_NEW_SLACK
+        self.match = match  # (generation, reference) -> correct? ; math-word compares final numbers
+        self.max_new_tokens = max_new_tokens or max((len(r) for r in encoded.response_ids), default=1) + MAX_NEW_SLACK
         self._lengths = np.array([len(p) + len(r) for p, r in zip(encoded.prompt_ids, encoded.response_ids)])
 
     # ---- training ----------------------------------------------------------------------------------------
@@ -133,15 +148,22 @@ class GenerationTask:
     @torch.no_grad()
     def generate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> list[str]:
         """Greedy generations (decoded, special tokens dropped) for the prompts of ``idx``, in that order."""
-        idx = np.asarray(idx)
-        order = np.argsort([len(self.encoded.prompt_ids[i]) for i in idx], kind="stable")
-        texts: list[str] = [""] * len(idx)
+        return self.generate_prompts(model, [self.encoded.prompt_ids[int(i)] for i in np.asarray(idx)], batch_size,
+                                     device)
+
+    @torch.no_grad()
+    def generate_prompts(self, model: nn.Module, prompts: Sequence[torch.Tensor], batch_size: int,
+                         device: torch.device) -> list[str]:
+        """Greedy generations for token-id ``prompts``: batched (similar lengths together, left-padded), with the
+        KV cache (``generate``'s default), at most ``max_new_tokens`` each, stopping at the end token."""
+        order = np.argsort([len(p) for p in prompts], kind="stable")
+        texts: list[str] = [""] * len(prompts)
         config = GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
                                   pad_token_id=self.pad_id, eos_token_id=self.eos_id)
         model.eval()
-        for start in range(0, len(idx), batch_size):
+        for start in range(0, len(prompts), batch_size):
             pos = order[start:start + batch_size]
-            input_ids, mask, _ = _left_pad([self.encoded.prompt_ids[i] for i in idx[pos]], self.pad_id)
+            input_ids, mask, _ = _left_pad([prompts[i] for i in pos], self.pad_id)
             out = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
                                  generation_config=config)
             for p, row in zip(pos, out[:, input_ids.shape[1]:].cpu()):
@@ -159,7 +181,7 @@ class GenerationTask:
         nll, tokens = self.response_nll(model, idx, batch_size, device)
         generations = self.generate(model, idx, batch_size, device)
         refs = [self.encoded.references[i] for i in idx]
-        exact = [normalize_answer(g) == normalize_answer(r) for g, r in zip(generations, refs)]
+        exact = [self.match(g, r) for g, r in zip(generations, refs)]
         loss = nll / max(tokens, 1)
         samples = []
         # Spread over the examples (evenly spaced positions): datasets are often sorted by class.
@@ -173,3 +195,22 @@ class GenerationTask:
                             "exact_match": bool(ok)})
         return {"acc": float(np.mean(exact)), "f1": float(np.mean([token_f1(g, r) for g, r in zip(generations, refs)])),
                 "loss": loss, "ppl": math.exp(min(loss, 700.0)), "n": int(len(idx)), "samples": samples}
+
+
+def build_task(dataset: InstructionDataset, tokenizer: Any, config: Config, logits_to_keep: bool) -> GenerationTask:
+    """The generation task of a resolved config: tokenized once; math-word scores final numbers; python-functions
+    adds HumanEval pass@1 (:class:`fedlora.humaneval.CodeTask`)."""
+    from fedlora.data.prompts import encode_instructions
+
+    encoded = encode_instructions(dataset, tokenizer, config.train.max_length)
+    max_new = config.train.max_new_tokens or DEFAULT_MAX_NEW.get(config.data.dataset, 0)
+    if config.data.dataset == "python-functions":
+        from fedlora.humaneval import CodeTask
+
+        return CodeTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new,
+                        problems=config.data.humaneval_problems, seed=config.data.seed)
+    if config.data.dataset == "math-word":
+        from fedlora.data.mathword import answers_match
+
+        return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new, match=answers_match)
+    return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new)

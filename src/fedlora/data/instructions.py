@@ -57,6 +57,9 @@ class InstructionDataset:
     responses: tuple[str, ...]
     labels: np.ndarray
     label_names: tuple[str, ...]
+    # Indices of a test set fixed by the dataset itself (math-word's test problems, generated apart; the held-out
+    # stdlib modules of python-functions): split_federated uses them as the global test set. None: drawn there.
+    held_out: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.instructions)
@@ -76,8 +79,9 @@ class InstructionDataset:
         """The examples at ``idx``, in that order."""
         idx = np.asarray(idx, dtype=np.int64)
         pick = lambda xs: tuple(xs[i] for i in idx)  # noqa: E731
+        held = None if self.held_out is None else np.flatnonzero(np.isin(idx, self.held_out)).astype(np.int64)
         return InstructionDataset(self.name, pick(self.instructions), pick(self.inputs), pick(self.responses),
-                                  self.labels[idx].copy(), self.label_names)
+                                  self.labels[idx].copy(), self.label_names, held)
 
 
 def normalize_answer(text: str) -> str:
@@ -197,9 +201,21 @@ def load_instruction_dataset(cfg: DataConfig) -> InstructionDataset:
         if not cfg.path:
             raise DataError(f"data.dataset = {cfg.dataset!r} needs data.path (the file to read)")
         dataset = read_instruction_file(cfg.path, cfg.dataset, cfg)
+    elif cfg.dataset == "math-word" and cfg.path:  # the user's GSM8K-format file (a plain split below)
+        from fedlora.data.mathword import read_gsm8k
+
+        dataset = read_gsm8k(cfg.path)
+    elif cfg.dataset == "math-word":  # generated at its size, with its own test problems: no subsample
+        from fedlora.data.mathword import math_word
+
+        return math_word(cfg)
+    elif cfg.dataset == "python-functions":  # sized and held out by module in its own loader
+        from fedlora.data.pyfunctions import python_functions
+
+        return python_functions(cfg)
     else:
         raise DataError(f"data.dataset = {cfg.dataset!r} is not instruction data; generation tasks use "
-                        "bbc-news-gen, rotten-tomatoes-gen, csv or jsonl")
+                        "bbc-news-gen, rotten-tomatoes-gen, math-word, python-functions, csv or jsonl")
     if 0 < cfg.max_examples < len(dataset):
         dataset = dataset.subset(stratified_subsample(dataset.labels, cfg.max_examples, cfg.seed))
     return dataset
