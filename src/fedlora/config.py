@@ -25,8 +25,10 @@ MODEL_NAMES = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
 CAUSAL_MODEL_NAMES = ("smollm2", "tiny-llama")
 ADAPTER_KINDS = ("lora", "rslora", "vera")
 METHOD_NAMES = ("fedit", "ffa", "fedsa", "flora-na", "fedex", "flora")
-DATASETS = ("rotten-tomatoes", "bbc-news", "rotten-tomatoes-gen", "bbc-news-gen", "csv", "jsonl")
-GENERATION_DATASETS = ("rotten-tomatoes-gen", "bbc-news-gen")  # instruction data for causal LMs
+DATASETS = ("rotten-tomatoes", "bbc-news", "rotten-tomatoes-gen", "bbc-news-gen", "math-word", "python-functions",
+            "csv", "jsonl")
+# instruction data for causal LMs (math-word and python-functions: docs/generation.md)
+GENERATION_DATASETS = ("rotten-tomatoes-gen", "bbc-news-gen", "math-word", "python-functions")
 TASKS = ("auto", "classification", "generation")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
@@ -156,12 +158,20 @@ class DataConfig(_Section):
     client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
     max_examples: int = _opt(2400, "stratified subsample of the dataset before anything else (0: all; the demo uses 2400)", ge=0)
     seed: int = _opt(0, "seed of the subsample, the global test set and the partition")
+    humaneval_problems: int = _opt(0, "python-functions: HumanEval problems each evaluation runs, a subset seeded "
+                                   "by data.seed (0: all 164)", ge=0, le=164)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.dataset == "python-functions" and self.path:
+            raise ConfigError(f"data.dataset = 'python-functions' reads the standard library, not data.path = "
+                              f"{self.path!r}; unset data.path")
         if bool(self.prompt_column) != bool(self.response_column):
             raise ConfigError(f"data.prompt_column = {self.prompt_column!r} and data.response_column = "
                               f"{self.response_column!r}: set both or neither")
+        if self.task == "classification" and self.dataset in ("math-word", "python-functions"):
+            raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task; data.task = 'classification' "
+                              "does not fit it")
         if self.task == "classification" and self.dataset in GENERATION_DATASETS:
             raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task but data.task = 'classification'; "
                               f"use data.dataset = {self.dataset.removesuffix('-gen')!r} for classification")
@@ -186,6 +196,8 @@ class TrainConfig(_Section):
     eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1)
     eval_initial: bool = _opt(True, "evaluate before the first round (recorded as round 0)")
     eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1)
+    max_new_tokens: int = _opt(0, "generation tasks: most tokens generated per answer (0: the task's default: "
+                               "longest reference + 4; math-word 256, python-functions 384)", ge=0)
     seed: int = _opt(0, "seed of client sampling, batches and dropout")
     device: str = _opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
     dtype: str = _opt("auto", "compute dtype (auto: bf16 on a device that has it, else float32)",

@@ -20,11 +20,10 @@ from fedlora.client import ClientData, ClientNode, LocalTrainer
 from fedlora.config import Config
 from fedlora.data import FederatedSplit, TextDataset, load_dataset, split_federated
 from fedlora.data.instructions import InstructionDataset, load_instruction_dataset
-from fedlora.data.prompts import encode_instructions
 from fedlora.data.tokenize import encode
 from fedlora.methods import Method, get_method
 from fedlora.tasks import ClassificationTask
-from fedlora.tasks_gen import GenerationTask
+from fedlora.tasks_gen import GenerationTask, build_task
 
 
 @dataclass
@@ -95,7 +94,7 @@ def build(config: Config) -> Experiment:
         dataset = load_instruction_dataset(config.data)
         base = models.load_causal_lm(config.model, seed=config.adapter.seed)
         keep = "logits_to_keep" in inspect.signature(base.forward).parameters  # LM head on response columns only
-        task = GenerationTask(encode_instructions(dataset, tokenizer, config.train.max_length), tokenizer, keep)
+        task = build_task(dataset, tokenizer, config, keep)
         task_type = TaskType.CAUSAL_LM
     else:
         dataset = load_dataset(config.data)
@@ -104,7 +103,7 @@ def build(config: Config) -> Experiment:
         task = ClassificationTask(encoded, tokenizer.pad_token_id or 0, num_labels)
         base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
         task_type = TaskType.SEQ_CLS
-    split = split_federated(dataset.labels, config.data)
+    split = split_federated(dataset.labels, config.data, held_out=getattr(dataset, "held_out", None))
     clients = [ClientData(c.client_id, c.train, c.test) for c in split.clients]
 
     model = adapters.attach(base, config.adapter, task_type)

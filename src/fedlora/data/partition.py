@@ -189,20 +189,30 @@ def _train_test(part: np.ndarray, labels: np.ndarray, fraction: float,
     return train, test
 
 
-def split_federated(labels: np.ndarray, cfg: DataConfig) -> FederatedSplit:
+def split_federated(labels: np.ndarray, cfg: DataConfig, held_out: np.ndarray | None = None) -> FederatedSplit:
     """Split examples (given by their integer ``labels``) into a global test set and per-client train/test sets.
 
-    Deterministic in ``cfg.seed``; depends on nothing but ``labels`` and ``cfg``. See the module docstring for the
-    order of the stages. Raises :class:`DataError` when there are too few examples for the clients, or when the
-    requested partition cannot be built.
+    Deterministic in ``cfg.seed``; depends on nothing but ``labels``, ``cfg`` and ``held_out``. See the module
+    docstring for the order of the stages. ``held_out``: a global test set the dataset fixes itself (math-word's
+    separately generated test problems, python-functions' held-out modules); stages 1 and 2 are then skipped
+    (the dataset is already sized) and every other example goes to the clients. Raises :class:`DataError` when
+    there are too few examples for the clients, or when the requested partition cannot be built.
     """
     labels = _check_labels(labels)
-    everything = stratified_subsample(labels, cfg.max_examples, cfg.seed)
-    n = len(everything)
-    if n < 2:
-        raise DataError(f"cannot split {n} example(s): need at least 2 (one for the global test set, one for training)")
-    n_test = min(max(round(n * cfg.test_fraction), 1), n - 1)
-    global_test, pool = _stratified_take(everything, labels, n_test, stage_rng(cfg.seed, _GLOBAL_TEST))
+    if held_out is not None:
+        global_test = np.unique(np.asarray(held_out, dtype=np.int64))
+        if len(global_test) == 0 or global_test[0] < 0 or global_test[-1] >= len(labels):
+            raise DataError(f"the dataset's held-out test set must be non-empty indices below {len(labels)}")
+        pool = np.setdiff1d(np.arange(len(labels), dtype=np.int64), global_test, assume_unique=True)
+        n, n_test = len(labels), len(global_test)
+    else:
+        everything = stratified_subsample(labels, cfg.max_examples, cfg.seed)
+        n = len(everything)
+        if n < 2:
+            raise DataError(f"cannot split {n} example(s): need at least 2 (one for the global test set, one for "
+                            "training)")
+        n_test = min(max(round(n * cfg.test_fraction), 1), n - 1)
+        global_test, pool = _stratified_take(everything, labels, n_test, stage_rng(cfg.seed, _GLOBAL_TEST))
 
     need = cfg.num_clients * cfg.min_examples_per_client
     if len(pool) < need:

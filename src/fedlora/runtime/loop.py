@@ -40,6 +40,9 @@ EVAL_FIELDS = ("acc_global", "f1_global", "loss_global", "acc_personal_mean", "a
                "f1_personal_mean", "clients")
 # Generation tasks only (their evaluation reports a response perplexity); classification records lack them.
 GEN_FIELDS = ("ppl_global", "ppl_personal_mean")
+# Code generation (python-functions) only: HumanEval pass@1 of the global model, the mean over the clients' own
+# models, and each client's.
+CODE_FIELDS = ("pass_at_1_global", "pass_at_1_personal_mean", "pass_at_1_clients")
 
 
 def _num(x: float | None) -> float | None:
@@ -103,7 +106,8 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         protocol, bytes_eval_sync = evaluate_all(server, transport, record, missing, took_part)
         bytes_down += protocol
     else:  # every record has the same keys; a round without evaluation has null accuracies
-        record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ())))
+        record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ())
+                                    + (CODE_FIELDS if config.data.dataset == "python-functions" else ())))
     record["bytes_up"] = bytes_up
     record["bytes_down"] = bytes_down
     record["bytes_eval_sync"] = bytes_eval_sync
@@ -147,6 +151,11 @@ def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], m
         record["ppl_global"] = _num(results["global"]["ppl"]) if "global" in results else None
         record["ppl_personal_mean"] = _num(float(np.nanmean([m["ppl"] for m in per_client.values()]))) \
             if per_client else None
+        if any("pass_at_1" in m for m in results.values()):
+            record["pass_at_1_global"] = _num(results["global"]["pass_at_1"]) if "global" in results else None
+            record["pass_at_1_personal_mean"] = _num(float(np.nanmean([m["pass_at_1"] for m in per_client.values()]))) \
+                if per_client else None
+            record["pass_at_1_clients"] = {c: _num(m["pass_at_1"]) for c, m in per_client.items()}
         # Not a metric: RunDir writes these to samples/round_<t>.jsonl, not to metrics.jsonl.
         record["samples"] = [{"model": name if name == "global" else f"client {name}", **sample}
                              for name, m in results.items() for sample in m.get("samples", ())]
@@ -196,7 +205,7 @@ def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[st
     last = evaluated[-1] if evaluated else {}
     keys = ("acc_global", "f1_global", "acc_personal_mean", "acc_personal_weighted", "f1_personal_mean", "clients")
     out: dict[str, Any] = {k: last.get(k) for k in keys}
-    out.update({k: last[k] for k in GEN_FIELDS if k in last})
+    out.update({k: last[k] for k in GEN_FIELDS + CODE_FIELDS if k in last})
     out.update(
         rounds=sum(1 for r in records if r["round"] > 0),
         final_round=records[-1]["round"] if records else 0,
