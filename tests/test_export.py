@@ -49,3 +49,68 @@ def test_evaluation_only_syncs_are_counted_apart() -> None:
         # each participant was brought up to date by the previous evaluation, so nothing is pending at fit
         assert record["bytes_down"] == broadcast
         assert record["bytes_eval_sync"] == 2 * broadcast
+
+
+# ------------------------------------------------------------------------------------ saved = evaluated
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from peft import PeftModel  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedlora import export  # noqa: E402
+from fedlora.cli import main  # noqa: E402
+from fedlora.report import RunDir  # noqa: E402
+from fedlora.runtime import simulation  # noqa: E402
+
+_RUNS: dict[tuple[str, ...], Path] = {}
+
+
+def finished_run(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> Path:
+    """A finished tiny run (cached per set of overrides for this test session)."""
+    if overrides not in _RUNS:
+        path = tmp_path_factory.mktemp("run") / "run"
+        simulation.run(tiny_config(*overrides), RunDir(path), progress=False)
+        _RUNS[overrides] = path
+    return _RUNS[overrides]
+
+
+SAVED_CASES = [("fedit", "lora"), ("ffa", "lora"), ("fedsa", "lora"), ("flora-na", "lora"), ("fedex", "lora"),
+               ("flora", "lora"), ("fedex", "rslora"), ("flora", "rslora"), ("fedit", "vera"), ("fedsa", "vera")]
+
+
+@pytest.mark.parametrize("method,adapter", SAVED_CASES)
+def test_saved_models_reproduce_the_last_evaluation(tmp_path_factory, method: str, adapter: str) -> None:
+    run = finished_run(tmp_path_factory, f"method.name={method}", f"adapter.kind={adapter}")
+    summary = json.loads((run / "summary.json").read_text())
+    for client in (None, 0, 2):
+        if client is None and summary["acc_global"] is None:
+            with pytest.raises(export.FedloraError, match="has no global model"):
+                export.evaluate(run, None)
+            continue
+        result = export.evaluate(run, client)
+        assert result["reproduced"], result
+        want = summary["acc_global"] if client is None else summary["clients"][str(client)]
+        assert result["metrics"]["acc"] == want
+        if client is None:  # the loss, to all its digits: a model that differs anywhere would show here
+            assert result["metrics"]["loss"] == result["recorded"]["loss"]
+    changed = method in ("fedex", "flora")
+    for folder in [run / "clients" / "0"] + ([run / "global"] if summary["acc_global"] is not None else []):
+        assert (folder / export.BASE_FILE).is_file() == changed
+
+
+def test_flora_learning_is_in_the_saved_base_weights(tmp_path_factory) -> None:
+    run = finished_run(tmp_path_factory, "method.name=flora", "adapter.kind=lora")
+    adapter = load_file(str(run / "global" / "adapter_model.safetensors"))
+    assert all(not v.any() for k, v in adapter.items() if "lora_B" in k)  # merged: the adapter is fresh
+    saved = export.load_saved(run)
+    cfg = export._run_config(run)
+    without = PeftModel.from_pretrained(export._base_model(cfg, ("rotten", "fresh")), str(run / "global"))
+    batch = {"input_ids": torch.tensor([[101, 2023, 3185, 2001, 2307, 102]])}
+    with torch.no_grad():
+        a, b = saved(**batch).logits, without.eval()(**batch).logits
+        c = export.load_saved(run, client=1)(**batch).logits
+    assert not torch.allclose(a, b)  # the federated training lives in base_weights.safetensors
+    assert torch.equal(a, c)  # after the last broadcast every FLoRA client holds the global model

@@ -1,4 +1,5 @@
-"""The experiment subcommands of ``fedlora``: ``compare``, ``report`` and ``analyze asymmetry``.
+"""The experiment subcommands of ``fedlora``: ``compare``, ``report``, ``analyze asymmetry``, ``export`` and
+``evaluate``.
 
 Kept apart from :mod:`fedlora.cli` so that the command-line entry point stays small; :func:`add_parsers` adds
 the subcommands and :data:`COMMANDS` maps each to its handler. Errors are :class:`~fedlora.errors.FedloraError`
@@ -43,6 +44,28 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                       help=SET_HELP)
     asym.add_argument("--out", required=True, help="folder for asymmetry.csv, asymmetry.json and asymmetry.png")
     asym.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("export", help="write a run's saved global or client model as a directory that plain "
+                                        "transformers / PEFT load (no fedlora needed)")
+    exp.add_argument("run", metavar="RUN", help="a finished run directory")
+    _which_model(exp)
+    exp.add_argument("--out", required=True, help="the new directory (must not hold files)")
+    exp.add_argument("--merged", action="store_true", help="merge the adapter into the weights: one model "
+                                                           "directory (default: base/ + the PEFT adapter)")
+
+    ev = sub.add_parser("evaluate", help="recompute the metrics of a run's saved (or an exported) model on the "
+                                         "run's own test split or on a new file; prints JSON")
+    ev.add_argument("run", metavar="RUN", help="a run directory (its config.toml gives model and data)")
+    _which_model(ev)
+    ev.add_argument("--model", metavar="DIR", help="an exported directory (fedlora export) instead of the saved model")
+    ev.add_argument("--data", metavar="FILE", help="a labelled csv / jsonl file (the run's columns and labels; an "
+                                                   "instruction file for generation runs) instead of the run's split")
+
+
+def _which_model(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--global", dest="global_model", action="store_true", help="the global model")
+    group.add_argument("--client", type=int, metavar="K", help="client K's own model")
 
 
 def _print_tables(out: Path) -> None:
@@ -98,5 +121,26 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from fedlora.export import export
+
+    info = export(args.run, None if args.global_model else args.client, args.out, merged=args.merged)
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from fedlora.export import evaluate
+
+    result = evaluate(args.run, None if args.global_model else args.client, args.model, args.data)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "compare": _cmd_compare, "report": _cmd_report, "analyze": _cmd_analyze}
+    "compare": _cmd_compare, "report": _cmd_report, "analyze": _cmd_analyze, "export": _cmd_export,
+    "evaluate": _cmd_evaluate}

@@ -99,8 +99,11 @@ class RunDir:
 def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path, adapter: str = "default") -> None:
     """Write ``state`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of the model's
     adapter ``adapter`` (a client's rank, with per-client ranks): always a plain top-level adapter folder."""
+    from fedlora.export import write_base_weights
+
     exp.trainer.load(state, adapter)
     path.mkdir(parents=True, exist_ok=True)
+    write_base_weights(exp, path)  # FedEx / FLoRA: the base weights the method changed (fedlora.export)
     if adapter == "default":
         exp.model.save_pretrained(str(path), selected_adapters=["default"])
         return
