@@ -88,7 +88,8 @@ def _shopping(rng: random.Random) -> Problem:
     total = sum(costs)
     if kinds > 1:
         lines.append(f"Altogether {pron} spends {' + '.join(map(str, costs))} = ${total}.")
-    coupon = rng.randint(2, 5) if (kinds == 1 or rng.random() < 0.4) and total > 10 else 0
+    # At most 5 operations: a coupon only with one or two kinds of item, the change only below 4 steps.
+    coupon = rng.randint(2, 5) if (kinds == 1 or (kinds == 2 and rng.random() < 0.4)) and total > 10 else 0
     if coupon:
         lines.append(f"With the coupon {pron} pays {total} - {coupon} = ${total - coupon}.")
         total -= coupon
