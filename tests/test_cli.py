@@ -61,6 +61,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message) -> No
     keep = tmp_path / "existing"
     keep.mkdir()
     (keep / "metrics.jsonl").write_text("precious\n")
+    (keep / ".fedlora-run").write_text("{}\n")  # an earlier run's folder: --overwrite may replace it, once started
     code = main(["run", *TINY_SET, *args, "--out", str(keep), "--overwrite", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2

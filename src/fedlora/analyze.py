@@ -33,7 +33,7 @@ from torch import Tensor
 from fedlora import adapters
 from fedlora.config import Config, dumps
 from fedlora.errors import ConfigError
-from fedlora.report import atomic_write
+from fedlora.storage import atomic_write, check_output_dir
 
 CSV_COLUMNS = ("layer", "a_similarity", "b_similarity", "a_change_similarity", "b_change_similarity",
                "a_change_norm", "b_change_norm", "a_init_norm", "b_init_norm", "a_shape", "b_shape")
@@ -182,6 +182,7 @@ def asymmetry(config: Config, out: str | Path, progress: bool = True) -> dict[st
     if isinstance(config.adapter.rank, tuple):
         raise ConfigError(f"adapter.rank = {list(config.adapter.rank)}: the asymmetry analysis compares A and B "
                           "across clients, which needs one shape for all; give one integer rank")
+    check_output_dir(Path(out), "--out")  # before the model is loaded and trained
     start = time.perf_counter()
     config = replace(config, method=replace(config.method, name="fedit", share_head=None))
     exp = build(config)

@@ -1,6 +1,12 @@
 """Checkpoints: everything needed to continue a run after the last complete round, in one file written
 atomically (temporary file, fsync, rename) after every round.
 
+Integrity: the metadata carries a SHA-256 over the metadata itself and every tensor (name, dtype, shape, bytes),
+so a truncated file or a flipped bit is refused instead of silently resumed. The checkpoint of the round before
+is kept as ``previous.safetensors`` (a hard link, then a rename, so a valid ``state.safetensors`` exists at every
+instant); when the newest is damaged, the error says how to continue from it. The resolved config the run was
+started with is stored too, so that a resume can refuse a config that no longer matches the saved state.
+
 One safetensors file holds every tensor (the server's global adapter and pending broadcasts, every client's
 state including its private side, and the base weights that FedEx / FLoRA changed); its metadata holds the
 rest as JSON (round, versions, the metrics so far, elapsed time). There is no other random state to save:
@@ -10,6 +16,7 @@ every random draw of a round (client sampling, batches, dropout, injected faults
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -22,11 +29,16 @@ from safetensors.torch import load_file, save
 
 from fedlora.errors import FedloraError
 from fedlora.methods import Broadcast
-from fedlora.report import atomic_write
 from fedlora.server import Server
+from fedlora.storage import StorageError, atomic_write, describe_os_error
 
 FILE = "state.safetensors"
-FORMAT = 1
+PREVIOUS = "previous.safetensors"
+FORMAT = 2
+
+
+class CheckpointDamaged(FedloraError):
+    """A checkpoint file is truncated, altered or unreadable."""
 
 
 @dataclass
@@ -51,10 +63,22 @@ def _history_meta(b: Broadcast) -> dict[str, Any]:
             "version": b.version}
 
 
+def _digest(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over the metadata text and every tensor's name, dtype, shape and raw bytes (in name order)."""
+    h = hashlib.sha256(meta_json.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"\0{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode("utf-8"))
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mapping[int, Mapping[str, torch.Tensor]],
                     client_versions: Mapping[int, int], base: Mapping[str, torch.Tensor],
-                    records: list[dict[str, Any]], elapsed: float) -> None:
-    """Write the state after ``round_`` as ``directory/state.safetensors``, atomically."""
+                    records: list[dict[str, Any]], elapsed: float,
+                    config: Mapping[str, Any] | None = None) -> None:
+    """Write the state after ``round_`` as ``directory/state.safetensors``, atomically, keeping the one before as
+    ``previous.safetensors``. ``config`` (the resolved config as a dict) is stored for resume checks."""
     tensors: dict[str, torch.Tensor] = {}
     for k, v in server.global_state.items():
         tensors[f"global/{k}"] = v
@@ -74,10 +98,62 @@ def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mappi
     meta = {"format": FORMAT, "round": round_, "version": server.version, "first": server.first,
             "client_version": server.client_version, "history": [_history_meta(b) for b in server.history],
             "client_versions": {str(c): v for c, v in client_versions.items()}, "records": records,
-            "elapsed": elapsed}
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"meta": json.dumps(meta)})
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / FILE, data, before_rename=lambda: maybe_kill("checkpoint-write", round_))
+            "elapsed": elapsed, "config": dict(config) if config is not None else None}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta_json = json.dumps(meta)
+    data = save(tensors, metadata={"meta": meta_json, "sha256": _digest(meta_json, tensors)})
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StorageError(f"cannot create {str(directory)!r}: {describe_os_error(e)}") from None
+    current, previous = directory / FILE, directory / PREVIOUS
+
+    def keep_previous() -> None:  # between the fsync of the new file and its rename over the current one
+        maybe_kill("checkpoint-write", round_)
+        if current.is_file():
+            link = directory / (PREVIOUS + ".tmp")
+            link.unlink(missing_ok=True)
+            os.link(current, link)
+            os.replace(link, previous)
+
+    atomic_write(current, data, before_rename=keep_previous)
+
+
+def read_checkpoint(directory: Path, name: str = FILE) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a checkpoint, verified against its checksum.
+
+    Raises :class:`CheckpointDamaged` (naming the file, and the previous round's checkpoint when one is kept) for a
+    truncated, altered or unreadable file."""
+    from safetensors import safe_open
+
+    path = directory / name
+    spare = directory / PREVIOUS
+    hint = ""
+    if name == FILE and spare.is_file():
+        hint = (f"; the previous round's checkpoint is kept: to continue from it, run "
+                f"mv {str(spare)!r} {str(path)!r} and resume again")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        tensors = load_file(str(path))
+        meta_json = header["meta"]
+        meta = json.loads(meta_json)
+        stored = header["sha256"]
+    except KeyError:
+        raise CheckpointDamaged(f"checkpoint {str(path)!r} has no checksum (written by an older fedlora or altered); "
+                                f"start the run again with --overwrite{hint}") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise CheckpointDamaged(f"checkpoint {str(path)!r} is damaged or truncated ({type(e).__name__}: "
+                                f"{str(e)[:120]}){hint}") from None
+    if _digest(meta_json, tensors) != stored:
+        raise CheckpointDamaged(f"checkpoint {str(path)!r} is damaged: its checksum does not match its content{hint}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointDamaged(f"checkpoint {str(path)!r} has format {meta.get('format')}, expected {FORMAT}")
+    return meta, tensors
+
+
+def has_checkpoint(directory: Path) -> bool:
+    return (directory / FILE).is_file()
 
 
 def load_checkpoint(directory: Path, server: Server) -> Checkpoint:
@@ -86,13 +162,7 @@ def load_checkpoint(directory: Path, server: Server) -> Checkpoint:
     if not path.is_file():
         raise FedloraError(f"no checkpoint at {str(path)!r}: the run stopped before its first round completed; "
                            "start it again with --overwrite")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    if meta.get("format") != FORMAT:
-        raise FedloraError(f"checkpoint {str(path)!r} has format {meta.get('format')}, expected {FORMAT}")
-    tensors = load_file(str(path))
+    meta, tensors = read_checkpoint(directory)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in tensors.items():
         head, rest = name.split("/", 1)

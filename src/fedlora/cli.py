@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from fedlora.report import RunDir
@@ -58,13 +58,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
+    """Check everything (config, output folder, lock, checkpoint) before loading a model or writing a file."""
     from fedlora import config as cfgmod
     from fedlora.errors import FedloraError
-    from fedlora.experiment import build
-    from fedlora.report import RunDir, summary_table
-    from fedlora.runtime import simulation
 
     if args.resume:
         if args.config or args.overrides or args.out or args.overwrite:
@@ -77,12 +73,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"{resume_dir} is already complete (summary.json exists); nothing to resume")
             return 0
         config = cfgmod.load(resume_dir / "config.toml")
-        out = _run_dir(args, resume_dir, resume=True)
+        out = _run_dir(args, resume_dir, resume=True)  # takes the lock: a second --resume is refused here
     else:
         config = cfgmod.load(args.config, args.overrides)
         out_path = Path(args.out) if args.out else Path("runs") / (
             f"{config.method.name}-{config.adapter.kind}-{time.strftime('%Y%m%d-%H%M%S')}")
         out = _run_dir(args, out_path, overwrite=args.overwrite)  # refuse a non-empty folder before any work
+    with out:
+        summary = _execute(args, config, out)
+    return _exit_status(summary)
+
+
+def _execute(args: argparse.Namespace, config: Any, out: RunDir) -> dict[str, Any]:
+    """Run the experiment into the locked ``out``; print the summary table."""
+    from rich.console import Console
+
+    from fedlora.errors import FedloraError
+    from fedlora.experiment import build
+    from fedlora.report import summary_table
+    from fedlora.runtime import simulation
+
     if config.runtime.kind == "flower":  # SuperLink + one SuperNode per client on 127.0.0.1 (docs/flower.md)
         from fedlora.runtime.flower_launch import run_local
 
@@ -93,12 +103,33 @@ def _cmd_run(args: argparse.Namespace) -> int:
         console = Console()
         console.print(summary_table([{"method": config.method.name, "adapter": config.adapter.kind, **summary}]))
         console.print(f"run directory: {out.path}")
-        return 0
+        return summary
+    entry = None
+    if args.resume:
+        from fedlora.resume import check_resume
+
+        entry = check_resume(out.path, config.resolved())  # checksum and config, before the model is loaded
     exp = build(config)
+    if entry is not None:
+        out.record_resume({**entry, "time": time.time()})
     summary = simulation.run(exp.config, out, progress=not args.quiet, exp=exp, resume=bool(args.resume))
     console = Console()
     console.print(summary_table([{"method": exp.config.method.name, "adapter": exp.config.adapter.kind, **summary}]))
     console.print(f"run directory: {out.path}")
+    return summary
+
+
+# Exit status of a run that completed without learning anything: every round failed (no valid update ever reached
+# the server). Distinct from 0 (success), 2 (refused input) and 130 (interrupted), so that scripts notice.
+EXIT_NOTHING_LEARNED = 3
+
+
+def _exit_status(summary: dict[str, Any]) -> int:
+    rounds, failed = int(summary.get("rounds") or 0), list(summary.get("failed_rounds") or [])
+    if rounds > 0 and len(failed) >= rounds:
+        print(f"fedlora: error: every round failed ({rounds} of {rounds}): no update reached the server, the run "
+              "learned nothing (see the 'failed', 'missing' and 'rejected' fields of metrics.jsonl)", file=sys.stderr)
+        return EXIT_NOTHING_LEARNED
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from fedlora import config as cfgmod
 from fedlora.config import ADAPTER_KINDS, Config
 from fedlora.errors import ConfigError, FedloraError
-from fedlora.report import atomic_write
+from fedlora.storage import atomic_write, check_output_dir
 
 Echo = Callable[[str], None]
 
@@ -179,8 +179,7 @@ def compare(base: Config, methods: Sequence[str], adapters: Sequence[str], seeds
     from fedlora.results import write_report
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FedloraError(f"--out {str(out)!r} exists and is not a directory")
+    check_output_dir(out, "--out")
     if base.runtime.kind != "simulation":
         raise ConfigError(f"runtime.kind = {base.runtime.kind!r}: fedlora compare runs every grid cell in the embedded "
                           "simulation; set runtime.kind = 'simulation'")

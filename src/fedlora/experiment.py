@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import numpy as np
@@ -75,11 +75,25 @@ def set_threads(threads: int) -> int:
     return n
 
 
+def check_max_length(model: torch.nn.Module, config: Config) -> None:
+    """Refuse a ``train.max_length`` beyond the model's position limit now, not at the first long batch."""
+    from fedlora.errors import ConfigError
+
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and config.train.max_length > limit:
+        raise ConfigError(f"train.max_length = {config.train.max_length} exceeds the position limit of model.name = "
+                          f"{config.model.name!r} ({limit} tokens); use at most {limit}")
+
+
 def build(config: Config) -> Experiment:
     """Load data and model, partition, tokenize (once) and attach the adapter, from a config."""
     config = config.resolved()
     set_threads(config.train.threads)
     device = pick_device(config.train.device)
+    # train.dtype and train.attention "auto" resolve here, for this device; the run's config.toml records the choice.
+    dtype = models.resolve_dtype(config.train.dtype, device)
+    config = replace(config, train=replace(config.train, dtype=dtype, attention=models.resolve_attention(
+        config.train.attention, device, dtype)))
     method_cls = get_method(config.method.name)
     if config.adapter.kind not in method_cls.adapters:
         from fedlora.errors import ConfigError
@@ -103,6 +117,7 @@ def build(config: Config) -> Experiment:
         task = ClassificationTask(encoded, tokenizer.pad_token_id or 0, num_labels)
         base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
         task_type = TaskType.SEQ_CLS
+    check_max_length(base, config)
     split = split_federated(dataset.labels, config.data, held_out=getattr(dataset, "held_out", None))
     clients = [ClientData(c.client_id, c.train, c.test) for c in split.clients]
 
@@ -116,6 +131,13 @@ def build(config: Config) -> Experiment:
     init_states = {name: adapters.read_state(m) for name, m in slot_maps.items()}
     info = AdapterInfo.of(init_states["default"], model)
     method = method_cls(config, info)
+    models.set_attention(model, config.train.attention)
+    if config.train.dtype == "bfloat16":  # frozen base weights in bf16; adapters, heads, optimizer state float32
+        keep = [p for m in slot_maps.values() for p in m.values()]
+        if method.cumulative:  # base updates (FedEx, FLoRA) accumulate in these weights: they stay float32
+            params = dict(model.named_parameters())
+            keep += [params[meta.base_param] for meta in info.layers.values()]
+        models.store_frozen(model, torch.bfloat16, keep)
     trainer = LocalTrainer(model, slot_maps["default"], task, config.train, device,
                            {n: m for n, m in slot_maps.items() if n != "default"})
     return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model,

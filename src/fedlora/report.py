@@ -6,33 +6,21 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from fedlora.config import dumps
 from fedlora.errors import FedloraError
+from fedlora.storage import (LOCK_FILE, MARKER_FILE, RUN_ENTRIES, DirLock, StorageError, append_line, atomic_write,
+                             check_writable_dir, describe_os_error, foreign_entries, replace_dir)
+
+__all__ = ["RunDir", "atomic_write", "save_adapter", "summary_table"]
 
 if TYPE_CHECKING:
     from fedlora.experiment import Experiment
-
-
-def atomic_write(path: Path, data: bytes | str, before_rename: Callable[[], None] | None = None) -> None:
-    """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    if before_rename is not None:
-        before_rename()
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _without_samples(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -41,26 +29,94 @@ def _without_samples(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class RunDir:
-    """A run's output folder. An existing non-empty folder is refused unless ``overwrite`` (or ``resume``)."""
+    """A run's output folder, locked while this object works in it.
 
-    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+    What it promises (README, "Reliability"):
+
+    * a folder that holds anything is refused unless ``overwrite`` or ``resume``;
+    * ``overwrite`` removes only what fedlora wrote for an earlier run (:data:`fedlora.storage.RUN_ENTRIES`, in a
+      folder marked as a run directory), and only in :meth:`start`, i.e. after the new run has built its model and
+      data; a folder holding anything else is refused with the names of what is there;
+    * one process at a time: a second writer is refused with the holder's PID (``flock``, released by the kernel
+      when the holder ends, however it ends);
+    * the output place is checked before any work: an ``--out`` under a file or in a place that cannot be written
+      is refused at construction.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False, lock: bool = True) -> None:
         self.path = Path(path)
         self.overwrite = overwrite
         self.resume = resume
         if self.path.exists() and not self.path.is_dir():
             raise FedloraError(f"--out {str(self.path)!r} exists and is not a directory")
-        if self.path.is_dir() and any(self.path.iterdir()) and not (overwrite or resume):
-            raise FedloraError(f"--out {str(self.path)!r} already holds files; pass --overwrite to replace them "
-                               "or --resume to continue that run")
+        check_writable_dir(self.path, "--out")
+        # The ServerApp of a Flower run writes into the folder its launcher has locked: it passes lock=False.
+        self._lock = DirLock(self.path) if lock else None
+        if self.path.is_dir():
+            self._check_contents()
+            if self._lock is not None:
+                self._lock.acquire()  # refuse a second writer before any work
+                self._check_contents()  # again, now that nobody else can change it
+
+    def _check_contents(self) -> None:
+        entries = [e.name for e in self.path.iterdir() if e.name != LOCK_FILE] if self.path.is_dir() else []
+        if not entries or self.resume:
+            return
+        if not self.overwrite:
+            raise FedloraError(f"--out {str(self.path)!r} already holds files; pass --overwrite to replace an earlier "
+                               "fedlora run there, or --resume to continue it")
+        foreign = foreign_entries(self.path)
+        if foreign:
+            shown = ", ".join(map(repr, foreign[:5])) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise FedloraError(f"--overwrite {str(self.path)!r}: the folder holds files fedlora did not write "
+                               f"({shown}); nothing was deleted. Move them away or choose another --out")
+        if not (self.path / MARKER_FILE).is_file() and not (self.path / "config.toml").is_file():
+            raise FedloraError(f"--overwrite {str(self.path)!r}: not a fedlora run directory (no {MARKER_FILE} or "
+                               "config.toml); nothing was deleted. Choose another --out")
+
+    def lock(self) -> None:
+        """Take the folder's lock now (it must exist); :meth:`start` does it otherwise."""
+        if self._lock is not None:
+            self._lock.acquire()
+
+    def close(self) -> None:
+        """Release the lock (also released by the kernel when the process ends)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def start(self, exp: Experiment) -> None:
-        """Create the folder (clearing it with ``overwrite``) and write the resolved config."""
-        if self.overwrite and self.path.is_dir():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Lock and create the folder (removing an earlier run's files with ``overwrite``), write the resolved
+        config. Called once the experiment is built, so a run that cannot start deletes nothing."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"cannot create --out {str(self.path)!r}: {describe_os_error(e)}") from None
+        if self._lock is not None and not self._lock.held:
+            self._lock.acquire()
+        self._check_contents()  # another process may have written here since the constructor looked
+        if self.overwrite and not self.resume:
+            for entry in sorted(self.path.iterdir()):
+                name = entry.name.removesuffix(".tmp").removesuffix(".old")
+                if name == LOCK_FILE or name not in RUN_ENTRIES:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        atomic_write(self.path / MARKER_FILE, json.dumps({"fedlora_run": 1, "created": time.time()}) + "\n")
         atomic_write(self.path / "config.toml", dumps(exp.config))
         if not self.resume:
-            (self.path / "metrics.jsonl").write_text("", encoding="utf-8")
+            atomic_write(self.path / "metrics.jsonl", "")
+
+    def record_resume(self, entry: Mapping[str, Any]) -> None:
+        """Append what a resume continued from (and any allowed config change) to ``resumes.jsonl``."""
+        append_line(self.path / "resumes.jsonl", json.dumps(entry) + "\n")
 
     def rewrite_metrics(self, records: list[Mapping[str, Any]]) -> None:
         """Replace metrics.jsonl with ``records`` (on resume: drop rounds after the last checkpoint)."""
@@ -75,10 +131,7 @@ class RunDir:
             (self.path / "samples").mkdir(exist_ok=True)
             atomic_write(self.path / "samples" / f"round_{record['round']}.jsonl",
                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        append_line(self.path / "metrics.jsonl", json.dumps(record, sort_keys=False) + "\n")
 
     def save_adapters(self, exp: Experiment, clients: Mapping[int, tuple[Mapping[str, torch.Tensor], str]],
                       global_state: Mapping[str, torch.Tensor] | None) -> None:
@@ -98,20 +151,38 @@ class RunDir:
 
 def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path, adapter: str = "default") -> None:
     """Write ``state`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of the model's
-    adapter ``adapter`` (a client's rank, with per-client ranks): always a plain top-level adapter folder."""
-    from fedlora.export import write_base_weights
+    adapter ``adapter`` (a client's rank, with per-client ranks): always a plain top-level adapter folder.
+
+    The folder is written whole beside its destination (``<path>.tmp``) and then renamed into place, so a crash or a
+    full disk never leaves a half-written adapter; a failed write removes the temporary folder and raises
+    :class:`~fedlora.storage.StorageError`."""
+    from fedlora.checkpoint import maybe_kill
 
     exp.trainer.load(state, adapter)
-    path.mkdir(parents=True, exist_ok=True)
-    write_base_weights(exp, path)  # FedEx / FLoRA: the base weights the method changed (fedlora.export)
-    if adapter == "default":
-        exp.model.save_pretrained(str(path), selected_adapters=["default"])
-        return
-    # PEFT writes an adapter other than "default" into a subfolder named after it; move its files up.
-    with tempfile.TemporaryDirectory(dir=path) as tmp:
-        exp.model.save_pretrained(tmp, selected_adapters=[adapter])
-        for f in (Path(tmp) / adapter).iterdir():
-            os.replace(f, path / f.name)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an earlier process that was killed while writing
+        tmp.mkdir(parents=True)
+        if adapter == "default":
+            exp.model.save_pretrained(str(tmp), selected_adapters=["default"])
+        else:
+            # PEFT writes an adapter other than "default" into a subfolder named after it; move its files up.
+            with tempfile.TemporaryDirectory(dir=tmp) as inner:
+                exp.model.save_pretrained(inner, selected_adapters=[adapter])
+                for f in (Path(inner) / adapter).iterdir():
+                    os.replace(f, tmp / f.name)
+        from fedlora.export import write_base_weights
+
+        write_base_weights(exp, tmp)  # FedEx / FLoRA: the base weights the method changed (fedlora.export)
+        maybe_kill("adapter-write", 0)
+        replace_dir(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        run = path.parent.parent if path.parent.name == "clients" else path.parent
+        raise StorageError(f"cannot write the adapter {str(path)!r}: {describe_os_error(e)}; the run's checkpoint is "
+                           f"intact: free space and continue with fedlora run --resume {str(run)!r}") \
+            from None
 
 
 def _fmt_acc(x: float | None) -> str:

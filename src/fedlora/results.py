@@ -20,7 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from fedlora.config import ADAPTER_KINDS, METHOD_NAMES
 from fedlora.errors import FedloraError
-from fedlora.report import atomic_write
+from fedlora.storage import atomic_write, check_output_dir
 
 SEED_KEYS = (("data", "seed"), ("train", "seed"), ("adapter", "seed"))
 
@@ -97,7 +97,30 @@ def load_run(path: str | Path) -> RunResult:
             if metrics.is_file() else []
     except (OSError, ValueError) as e:
         raise FedloraError(f"cannot read the run in {str(p)!r}: {e}") from None
+    _check_shapes(p, config, summary, records)
     return RunResult(p, config, summary, records)
+
+
+# summary.json fields the tables read, each a number or null.
+_NUMERIC_SUMMARY = ("acc_personal_mean", "acc_personal_weighted", "acc_global", "bytes_up_total", "bytes_down_total",
+                    "wall_seconds")
+
+
+def _check_shapes(p: Path, config: Any, summary: Any, records: Any) -> None:
+    """Refuse, naming the file and the field, a run whose files parse but do not hold what the tables read."""
+    if not isinstance(summary, dict):
+        raise FedloraError(f"{str(p / 'summary.json')!r} is malformed: expected a JSON object, got "
+                           f"{type(summary).__name__}")
+    for key in _NUMERIC_SUMMARY:
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FedloraError(f"{str(p / 'summary.json')!r} is malformed: {key} = {value!r} is not a number")
+    for section, key in (("method", "name"), ("adapter", "kind")):
+        if not isinstance(config.get(section), dict) or not isinstance(config[section].get(key), str):
+            raise FedloraError(f"{str(p / 'config.toml')!r} is malformed: it has no {section}.{key}")
+    for i, r in enumerate(records, start=1):
+        if not isinstance(r, dict) or not isinstance(r.get("round"), int):
+            raise FedloraError(f"{str(p / 'metrics.jsonl')!r} is malformed: line {i} is not a round record")
 
 
 def find_runs(paths: Iterable[str | Path]) -> tuple[list[RunResult], list[Path]]:
@@ -325,6 +348,7 @@ def write_report(paths: Iterable[str | Path], out: str | Path, skipped: Sequence
         raise FedloraError("no finished runs found (a run is finished when its summary.json exists) in: "
                            + ", ".join(str(p) for p in paths))
     out = Path(out)
+    check_output_dir(out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     skipped_file = out / "skipped.json"
     if not skipped and skipped_file.is_file():  # `fedlora report DIR` keeps what `compare` said it skipped

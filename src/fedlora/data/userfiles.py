@@ -17,6 +17,10 @@ from typing import Any, Iterator
 from fedlora.errors import DataError
 
 _INTEGER = re.compile(r"[+-]?\d+")
+# Spellings of "no value" that tools write into CSV cells (pandas: NaN, <NA>, NaT; SQL and JSON exports: NULL, None).
+# A label cell holding one is refused rather than becoming a class of its own. "NA" is not among them: it is a
+# real label in some data sets (e.g. a region).
+MISSING_MARKERS = frozenset({"nan", "<na>", "nat", "null", "none", "n/a"})
 
 # One parsed row: (line number, text, label as written).
 Row = tuple[int, str, str]
@@ -50,6 +54,10 @@ def _clean(path: Path, line: int, column: str, value: Any, what: str) -> str:
     stripped: str = value.strip()
     if not stripped:
         raise DataError(f"data file {str(path)!r}, line {line}: empty {what} in column {column!r}")
+    if what == "label" and stripped.lower() in MISSING_MARKERS:
+        raise DataError(f"data file {str(path)!r}, line {line}: the label in column {column!r} is {stripped!r}, "
+                        "which marks a missing value (as pandas and spreadsheets write one), not a class; "
+                        "drop or fill such rows")
     return stripped
 
 

@@ -96,7 +96,8 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     poll = float(rc.get("poll-interval", 0.1))
     startup = float(rc.get("startup-timeout", 300))
     out_dir = str(rc.get("out-dir", "")) or f"runs/flower-{context.run_id}"
-    out = RunDir(out_dir, overwrite=bool(rc.get("overwrite")))  # refuses a non-empty folder unless overwrite
+    # Refuses a non-empty folder unless overwrite; the launcher holds the folder's lock (lock=False here).
+    out = RunDir(out_dir, overwrite=bool(rc.get("overwrite")), lock=False)
     exp = build(config)
     cfg = exp.config
     server = make_server(exp)

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Mapping
 from fedlora import config as cfgmod
 from fedlora.config import Config
 from fedlora.errors import FedloraError
+from fedlora.storage import LOCK_FILE
 from fedlora.report import RunDir
 
 CONNECTION = "fedlora-local"
@@ -226,8 +227,9 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
         raise FedloraError("runtime.kind = 'flower' needs Flower: pip install 'fedlora[flower]' (flwr 1.41)") from None
     n = config.data.num_clients
     start = time.monotonic()
-    overwrite = out.overwrite or not (out.path.is_dir() and any(out.path.iterdir()))
+    overwrite = out.overwrite or not (out.path.is_dir() and any(e.name != LOCK_FILE for e in out.path.iterdir()))
     out.path.mkdir(parents=True, exist_ok=True)  # empty, or cleared by the ServerApp (overwrite)
+    out.lock()  # this launcher holds the run directory's lock; its ServerApp writes there with lock=False
     home = Path(tempfile.mkdtemp(prefix="fedlora-flower-"))
     logs = home / "logs"
     logs.mkdir()

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fedlora.adapters import State
-from fedlora.checkpoint import load_checkpoint, maybe_kill, save_checkpoint
+from fedlora.checkpoint import has_checkpoint, load_checkpoint, maybe_kill, save_checkpoint
 from fedlora.faults import FaultyTransport
 from fedlora.config import Config
 from fedlora.experiment import Experiment, build
@@ -103,34 +103,43 @@ def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: E
         transport = FaultyTransport(embedded, exp.config.faults, t.round_timeout)
     records: list[dict[str, Any]] = []
     first_round, elapsed_before = 1, 0.0
-    if out is not None:
-        out.start(exp)
-        if resume:
-            ckpt = load_checkpoint(out.path / "checkpoint", server)
-            embedded.restore(ckpt.clients, ckpt.client_versions, ckpt.base)
-            records, first_round, elapsed_before = list(ckpt.records), ckpt.round + 1, ckpt.elapsed
-            out.rewrite_metrics(records)
+    try:
+        if out is not None:
+            out.start(exp)
+            if resume:
+                ckpt_dir = out.path / "checkpoint"
+                if has_checkpoint(ckpt_dir):
+                    ckpt = load_checkpoint(ckpt_dir, server)
+                    embedded.restore(ckpt.clients, ckpt.client_versions, ckpt.base)
+                    records, first_round, elapsed_before = list(ckpt.records), ckpt.round + 1, ckpt.elapsed
+                # No checkpoint yet (stopped before its first record was saved): the run starts again from
+                # round 0; either way metrics.jsonl holds exactly the checkpointed records from here on.
+                out.rewrite_metrics(records)
+        config_dict = exp.config.to_dict()
 
-    def on_record(record: dict[str, Any]) -> None:
-        records.append(record)
-        if out is None:
-            return
-        out.append_metrics(record)
-        maybe_kill("metrics", record["round"])
-        save_checkpoint(out.path / "checkpoint", record["round"], server,
-                        {i: n.state for i, n in enumerate(embedded.nodes)},
-                        {i: n.version for i, n in enumerate(embedded.nodes)}, embedded.changed_base(), records,
-                        elapsed_before + time.perf_counter() - start)
+        def on_record(record: dict[str, Any]) -> None:
+            records.append(record)
+            if out is None:
+                return
+            out.append_metrics(record)
+            maybe_kill("metrics", record["round"])
+            save_checkpoint(out.path / "checkpoint", record["round"], server,
+                            {i: n.state for i, n in enumerate(embedded.nodes)},
+                            {i: n.version for i, n in enumerate(embedded.nodes)}, embedded.changed_base(), records,
+                            elapsed_before + time.perf_counter() - start, config=config_dict)
 
-    run_rounds(server, transport, exp.config, exp.split.global_test, on_record=on_record, start_round=first_round,
-               progress=progress)
-    summary = summarize(records, elapsed_before + time.perf_counter() - start)
-    if isinstance(transport, FaultyTransport):
-        summary["faults_injected"] = injected_from(records, transport)
-    if out is not None:
-        out.save_adapters(exp, {i: (n.state, n.adapter) for i, n in enumerate(embedded.nodes)},
-                          server.global_state if exp.method.global_model else None)
-        out.finish(exp, summary)
+        run_rounds(server, transport, exp.config, exp.split.global_test, on_record=on_record,
+                   start_round=first_round, progress=progress, evaluate_initial=not records)
+        summary = summarize(records, elapsed_before + time.perf_counter() - start)
+        if isinstance(transport, FaultyTransport):
+            summary["faults_injected"] = injected_from(records, transport)
+        if out is not None:
+            out.save_adapters(exp, {i: (n.state, n.adapter) for i, n in enumerate(embedded.nodes)},
+                              server.global_state if exp.method.global_model else None)
+            out.finish(exp, summary)
+    finally:
+        if out is not None:
+            out.close()
     return summary
 
 
