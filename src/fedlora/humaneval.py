@@ -49,7 +49,8 @@ PROMPT_TOKENS = 2048  # HumanEval prompts are never truncated (the longest is ab
 SUBSET_STREAM = 7  # spawn key of the problem subset's random stream (distinct from the data split's stages)
 WORKERS = 2  # programs run at once; each is a short subprocess waiting on the CPU
 _FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
-_STOP = ("print(", "assert ", "if __name__", "# Test", "# Example", "# test", "# example")
+_STOP = ("print(", "assert ", "if __name__", "# Test", "# Example", "# test", "# example")  # top-level lines that end code
+_TOP = ("def ", "async def ", "class ", "@")  # ...and those that end an unindented body
 
 
 def problems_file() -> Path:
@@ -98,9 +99,11 @@ def completion_for(problem: dict[str, str], generation: str) -> str:
             kept.append(line)
         return "\n" + "\n".join(kept) + "\n"
     lines = code.splitlines()
-    first = next((line for line in lines if line.strip()), "")
-    if first and not first[0].isspace():
-        lines = ["    " + line if line.strip() else line for line in lines]
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is not None and not lines[first][0].isspace():
+        # An unindented body: it ends where a new top-level statement starts (HumanEval's stop sequences).
+        end = next((i for i in range(first + 1, len(lines)) if lines[i].startswith(_STOP + _TOP)), len(lines))
+        lines = ["    " + line if line.strip() else line for line in lines[:end]]
     body = []
     for line in lines:
         if line.strip() and not line[0].isspace():
