@@ -73,13 +73,18 @@ def write_base_weights(exp: Experiment, folder: Path) -> None:
 
 
 # ---- which saved model ---------------------------------------------------------------------------------------
-def global_refusal(method: Method) -> str | None:
-    """Why the method has no global model, or None when it has one."""
-    if not method.has_global_model:
-        return (f"method {method.name!r} has no global model: every client keeps private tensors (its B side and, "
+def global_refusal(cfg: Config) -> str | None:
+    """Why the run's method has no global model, or None when it has one (as ``Method.global_model`` decides:
+    the method declares one, and a classification head, if any, is shared)."""
+    from fedlora.methods import get_method
+
+    cls = get_method(cfg.method.name)
+    share = cls.default_share_head if cfg.method.share_head is None else cfg.method.share_head
+    if not cls.has_global_model:
+        return (f"method {cls.name!r} has no global model: every client keeps private tensors (its B side and, "
                 "by default, its head), so each client's model is its own; use --client K")
-    if not method.global_model:
-        return (f"method {method.name!r} has no global model in this run: the classification head is private "
+    if not share and cfg.data.task != "generation":  # causal LMs have no classification head
+        return (f"method {cls.name!r} has no global model in this run: the classification head is private "
                 "(method.share_head = false); use --client K")
     return None
 
@@ -92,10 +97,10 @@ def _run_config(run: Path) -> Config:
     return cfgmod.load(run / "config.toml").resolved()
 
 
-def saved_folder(run: Path, client: int | None, method: Method | None = None) -> Path:
+def saved_folder(run: Path, client: int | None, cfg: Config | None = None) -> Path:
     """``global/`` or ``clients/<k>/`` of a finished run, with a clear error when there is none."""
     if client is None:
-        if method is not None and (reason := global_refusal(method)):
+        if cfg is not None and (reason := global_refusal(cfg)):
             raise FedloraError(reason)
         folder = run / "global"
     else:
@@ -105,14 +110,6 @@ def saved_folder(run: Path, client: int | None, method: Method | None = None) ->
         raise FedloraError(f"{str(run)!r} has no saved {what} ({str(folder)!r}): the run has not finished "
                            "(see fedlora run --resume) or that client does not exist")
     return folder
-
-
-def _method(cfg: Config) -> Method:
-    """The run's method object (for its declarations; no model is needed)."""
-    from fedlora.adapters import AdapterInfo
-    from fedlora.methods import get_method
-
-    return get_method(cfg.method.name)(cfg, AdapterInfo(keys=(), roles={}, shapes={}))
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -135,7 +132,7 @@ def load_saved(run: str | Path, client: int | None = None) -> nn.Module:
 
     run = Path(run)
     cfg = _run_config(run)
-    folder = saved_folder(run, client, _method(cfg))
+    folder = saved_folder(run, client, cfg)
     return PeftModel.from_pretrained(_saved_base(cfg, folder), str(folder)).eval()
 
 
@@ -174,7 +171,7 @@ def export(run: str | Path, client: int | None, out: str | Path, merged: bool = 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FedloraError(f"--out {str(out)!r} already exists and is not an empty folder; choose another")
     cfg = _run_config(run)
-    folder = saved_folder(run, client, _method(cfg))
+    folder = saved_folder(run, client, cfg)
     tokenizer = models.load_tokenizer(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -244,7 +241,7 @@ def evaluate(run: str | Path, client: int | None = None, model_dir: str | Path |
 
     run = Path(run)
     cfg = _run_config(run)
-    if client is None and (reason := global_refusal(_method(cfg))):
+    if client is None and (reason := global_refusal(cfg)):
         raise FedloraError(reason)
     exp = build(cfg)
     if client is not None and not 0 <= client < len(exp.clients):
@@ -262,7 +259,7 @@ def evaluate(run: str | Path, client: int | None = None, model_dir: str | Path |
         with bf16:
             metrics = task.evaluate(model, idx, batch, exp.device)
     else:
-        folder = saved_folder(run, client, exp.method)
+        folder = saved_folder(run, client, cfg)
         adapter = "default" if client is None else exp.client_adapters[client]
         state = load_into(exp, folder, adapter)
         if task is exp.task:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SPLITS", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "flora_na", "flora_na_coefficients", "flora_stack",
-           "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
+__all__ = ["SPLITS", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "flora_na", "flora_na_coefficients",
+           "flora_na_paper", "flora_stack", "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
 
 Weights = Sequence[float] | Tensor
 SPLITS = ("balanced", "fedit-scale")
@@ -316,7 +316,10 @@ def flora_na(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, rank:
 
 def flora_na_coefficients(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, steps: int = 200,
                           lr: float = 1e-2, rank: int | None = None) -> tuple[Tensor, Tensor]:
-    """The FLoRA-NA paper's public-code estimator: B̂ = Σ β_u B_u, Â = Σ α_u A_u with 2N scalars.
+    """A per-layer coefficient estimator (``method.na_estimator = "layer-mix"``): B̂ = Σ β_u B_u, Â = Σ α_u A_u
+    with 2N scalars fitted for this layer alone. It is *not* the FLoRA-NA authors' estimator (that is
+    :func:`flora_na_paper`: scalars shared by all layers, anchored on the previous global factors, last iterate
+    kept); it is what fedlora shipped before as ``"coefficients"``, kept for comparison.
 
     α, β start at FedIT's point (α = β = p) and AdamW (no weight decay: there is no reason to pull mixing
     coefficients towards zero) runs ``steps`` steps on ‖ΔW̄ − B̂Â‖_F² / ‖ΔW̄‖_F². With C = diag(p) − βαᵀ the
@@ -361,6 +364,94 @@ def flora_na_coefficients(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: W
             opt.step()
     _, a, b = best
     return _weighted_sum(layer.Bs, b), _weighted_sum(layer.As, a)
+
+
+def flora_na_paper(layers: Sequence[tuple[Sequence[Tensor], Sequence[Tensor], Tensor, Tensor]], weights: Weights,
+                   steps: int = 200, lr: float = 1e-2, weight_decay: float = 0.01) -> list[tuple[Tensor, Tensor]]:
+    """The FLoRA-NA authors' estimator (their public aggregator, ``optimize_exact_uv``): 2N scalars shared by
+    every layer, anchored on the previous global factors, last iterate kept.
+
+    ``layers`` holds, per adapted layer, the clients' factors and the global factors the round started from:
+    ``(Bs, As, B_g, A_g)``. With ΔB_u = B_u − B_g and ΔA_u = A_u − A_g, every layer's estimate is
+
+        B̂ = B_g + Σ_u p_u V_u ΔB_u        Â = A_g + Σ_u p_u U_u ΔA_u
+
+    with the same U, V ∈ R^N for all layers. U = V = 1 is FedIT's point. AdamW (``lr``, ``weight_decay`` 0.01:
+    torch's default, which their code uses) runs ``steps`` steps on Σ_l ‖ΔW̄_l − B̂_l Â_l‖_F² / Σ_l ‖ΔW̄_l‖_F²
+    and the last iterate is returned (it may be worse than FedIT's point). One deviation, for consistency with
+    every other rule here: their code fits with uniform weights 1/N and then applies sample-size weights; here
+    p_u (``method.weighting``) is used in both, which is their form exactly with ``weighting = "uniform"``.
+
+    In the basis X = [B_g, ΔB_1, …], Y = [A_g; ΔA_1; …] the ideal update is Σ_jk C*_jk X_j Y_k and the estimate
+    Σ_jk β_j α_k X_j Y_k (β = [1, p∘V], α = [1, p∘U]), so the loss is cᵀTc for c = vec(C* − βαᵀ) with
+    T = Σ_l T_l built once from (N+1)r × (N+1)r Gram blocks, as in :func:`flora_na_coefficients`: no d×k
+    matrix is formed. Deterministic (float64 on the CPU). Requires equal ranks. Returns (B̂, Â) per layer.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be a non-negative number, got {weight_decay!r}")
+    items = _as_list(layers, "layers")
+    if not items:
+        raise ValueError("no layers: at least one (Bs, As, B_g, A_g) is needed")
+    checked = []
+    T: Tensor | None = None
+    for i, item in enumerate(items):
+        if not isinstance(item, (tuple, list)) or len(item) != 4:
+            raise ValueError(f"layer {i} must be (Bs, As, B_g, A_g)")
+        Bs, As, B_g, A_g = item
+        try:
+            layer = _validate(Bs, As, weights, equal_ranks_for="flora_na_paper", estimate=(B_g, A_g))
+        except ValueError as e:
+            raise ValueError(f"layer {i}: {e}") from None
+        if B_g.shape[1] != layer.ranks[0]:
+            raise ValueError(f"layer {i}: the global factors have rank {B_g.shape[1]} but the clients' is "
+                             f"{layer.ranks[0]}")
+        n, r = len(layer.Bs), layer.ranks[0]
+        Bg, Ag = B_g.to(_COMPUTE_DTYPE), A_g.to(_COMPUTE_DTYPE)
+        X = torch.cat([Bg] + [B.to(_COMPUTE_DTYPE) - Bg for B in layer.Bs], dim=1)  # d × (N+1)r
+        Y = torch.cat([Ag] + [A.to(_COMPUTE_DTYPE) - Ag for A in layer.As], dim=0)  # (N+1)r × k
+        GB = (X.mT @ X).reshape(n + 1, r, n + 1, r)
+        GA = (Y @ Y.mT).reshape(n + 1, r, n + 1, r)
+        T_l = torch.einsum("aibj,djci->acbd", GB, GA).reshape((n + 1) ** 2, (n + 1) ** 2).cpu()
+        T = T_l if T is None else T + T_l
+        checked.append((layer, B_g, A_g))
+    assert T is not None
+    p = torch.tensor(checked[0][0].p, dtype=torch.float64)
+    n = p.numel()
+    ideal = torch.zeros(n + 1, n + 1, dtype=torch.float64)  # Σ_u p_u (X_0 + X_u)(Y_0 + Y_u)
+    ideal[0, 0] = p.sum()
+    ideal[0, 1:] = ideal[1:, 0] = p
+    ideal[1:, 1:] = torch.diag(p)
+    one = torch.ones(1, dtype=torch.float64)
+    with torch.inference_mode(False), torch.enable_grad():
+        T = T.clone()
+
+        def loss(u: Tensor, v: Tensor) -> Tensor:
+            c = (ideal - torch.outer(torch.cat([one, p * v]), torch.cat([one, p * u]))).reshape(-1)
+            return c @ (T @ c)
+
+        scale = float(ideal.reshape(-1) @ (T @ ideal.reshape(-1)))
+        scale = scale if scale > 0 else 1.0  # Σ‖ΔW̄_l‖² normalises the loss; a zero ideal leaves it raw
+        U = torch.ones(n, dtype=torch.float64, requires_grad=True)
+        V = torch.ones(n, dtype=torch.float64, requires_grad=True)
+        opt = torch.optim.AdamW([U, V], lr=lr, weight_decay=weight_decay)
+        for _ in range(steps):
+            opt.zero_grad()
+            (loss(U, V) / scale).backward()
+            opt.step()
+    a, b = (p * U.detach()).tolist(), (p * V.detach()).tolist()
+    out = []
+    for layer, B_g, A_g in checked:
+        B = B_g.to(_COMPUTE_DTYPE).clone()
+        A = A_g.to(_COMPUTE_DTYPE).clone()
+        for u in range(n):
+            B.add_(layer.Bs[u].to(_COMPUTE_DTYPE) - B_g.to(_COMPUTE_DTYPE), alpha=b[u])
+            A.add_(layer.As[u].to(_COMPUTE_DTYPE) - A_g.to(_COMPUTE_DTYPE), alpha=a[u])
+        out.append((B.to(layer.ref.dtype), A.to(layer.ref.dtype)))
+    return out
 
 
 def residual_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, B: Tensor,

@@ -1,10 +1,17 @@
 """FLoRA-NA: the server estimates B̂, Â from the uploaded factors so that B̂Â is as close as possible to the ideal
 update Σ p_u B_u A_u (Nguyen et al. 2025), at FedIT's communication cost.
 
-``method.na_estimator = "svd"`` gives the exact rank-r optimum (truncated SVD of the ideal update, computed from
-QR factors of the stacked uploads, never forming a d×k matrix); ``"coefficients"`` is the paper's public-code
-estimator (2N scalars found by AdamW from the FedIT point), kept to compare against. ``method.na_split``
-chooses how the optimal product is split into B̂ and Â (it changes the next round's training, not the product).
+``method.na_estimator`` chooses the estimator:
+
+- ``"svd"`` (default): the exact rank-r optimum (truncated SVD of the ideal update, computed from QR factors of
+  the stacked uploads, never forming a d×k matrix; :func:`fedlora.functional.flora_na`). ``method.na_split``
+  chooses how the optimal product is split into B̂ and Â (it changes the next round's training, not the product).
+- ``"paper"``: the authors' public-code estimator (:func:`fedlora.functional.flora_na_paper`): 2N scalars U, V
+  shared by all layers, B̂ = B_g + Σ p_u V_u ΔB_u and Â = A_g + Σ p_u U_u ΔA_u from the previous global factors,
+  fitted by 200 AdamW steps from FedIT's point, last iterate kept.
+- ``"layer-mix"``: 2N scalars fitted per layer as a plain mix Σ β_u B_u, Σ α_u A_u, best iterate kept
+  (:func:`fedlora.functional.flora_na_coefficients`); what fedlora called ``"coefficients"`` before it was
+  found not to be the paper's form. Kept for comparison.
 """
 
 from __future__ import annotations
@@ -29,9 +36,16 @@ class FLoRANA(Method):
 
         w = self.weights(uploads)
         payload = self.average(uploads, self.head_keys())
-        for _, a_key, b_key, Bs, As in self.layer_factors(uploads):
-            if self.config.method.na_estimator == "svd":
+        estimator = self.config.method.na_estimator
+        layers = list(self.layer_factors(uploads))
+        if estimator == "paper":  # one set of 2N scalars for every layer, anchored on the global factors
+            estimates = F.flora_na_paper([(Bs, As, global_state[b_key], global_state[a_key])
+                                          for _, a_key, b_key, Bs, As in layers], w)
+            for (_, a_key, b_key, _, _), (B, A) in zip(layers, estimates):
+                payload[b_key], payload[a_key] = B, A
+        for _, a_key, b_key, Bs, As in layers if estimator != "paper" else ():
+            if estimator == "svd":
                 payload[b_key], payload[a_key] = F.flora_na(Bs, As, w, split=self.config.method.na_split)
-            else:
+            else:  # "layer-mix"
                 payload[b_key], payload[a_key] = F.flora_na_coefficients(Bs, As, w)
         return Broadcast(payload=payload, stats=self.agg_error(uploads, payload, global_state))
