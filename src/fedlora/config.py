@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -31,6 +32,15 @@ DATASETS = ("rotten-tomatoes", "bbc-news", "rotten-tomatoes-gen", "bbc-news-gen"
 GENERATION_DATASETS = ("rotten-tomatoes-gen", "bbc-news-gen", "math-word", "python-functions")
 TASKS = ("auto", "classification", "generation")
 PARTITIONS = ("iid", "dirichlet", "pathological")
+
+# Upper bounds that keep a typo (a count in the billions) from becoming an allocation failure or a run that never
+# ends: far above any real experiment, far below what breaks. train.max_length is also checked against the
+# model's own position limit once the model is known (experiment.check_max_length).
+MAX_COUNT = 1_000_000  # rounds, steps, clients
+MAX_BATCH = 65_536  # examples per batch
+MAX_TOKENS = 1_048_576  # tokens per example
+MAX_THREADS = 1_024  # torch CPU threads
+MAX_SECONDS = 7 * 24 * 3600.0  # a week
 
 
 def _opt(default: Any, help: str, **rules: Any) -> Any:
@@ -53,6 +63,8 @@ def _check_rules(section: str, obj: Any) -> None:
         for item in items:
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key} = {value!r} is not a finite number")
             for rule, ok, word in (("ge", item >= f.metadata.get("ge", item), ">="),
                                    ("gt", "gt" not in f.metadata or item > f.metadata["gt"], ">"),
                                    ("le", item <= f.metadata.get("le", item), "<="),
@@ -153,7 +165,7 @@ class DataConfig(_Section):
     partition: str = _opt("dirichlet", "how examples are spread over clients", choices=PARTITIONS)
     alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
     classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
-    num_clients: int = _opt(3, "number of clients", ge=1)
+    num_clients: int = _opt(3, "number of clients", ge=1, le=MAX_COUNT)
     min_examples_per_client: int = _opt(8, "every client gets at least this many examples", ge=2)
     test_fraction: float = _opt(0.2, "stratified global test set held out before partitioning", gt=0, lt=1)
     client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
@@ -167,6 +179,9 @@ class DataConfig(_Section):
         if self.dataset == "python-functions" and self.path:
             raise ConfigError(f"data.dataset = 'python-functions' reads the standard library, not data.path = "
                               f"{self.path!r}; unset data.path")
+        if self.text_column == self.label_column:
+            raise ConfigError(f"data.text_column and data.label_column are both {self.text_column!r}; the label "
+                              "must come from another column than the text")
         if bool(self.prompt_column) != bool(self.response_column):
             raise ConfigError(f"data.prompt_column = {self.prompt_column!r} and data.response_column = "
                               f"{self.response_column!r}: set both or neither")
@@ -184,27 +199,31 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class TrainConfig(_Section):
     SECTION = "train"
-    rounds: int = _opt(8, "federated rounds", ge=1)
-    clients_per_round: int = _opt(0, "clients sampled per round (0: all)", ge=0)
-    min_clients: int = _opt(1, "fewest valid updates for a round to count", ge=1)
-    local_steps: int = _opt(10, "optimizer steps per client per round", ge=1)
-    batch_size: int = _opt(16, "examples per step", ge=1)
+    rounds: int = _opt(8, "federated rounds", ge=1, le=MAX_COUNT)
+    clients_per_round: int = _opt(0, "clients sampled per round (0: all)", ge=0, le=MAX_COUNT)
+    min_clients: int = _opt(1, "fewest valid updates for a round to count", ge=1, le=MAX_COUNT)
+    local_steps: int = _opt(10, "optimizer steps per client per round", ge=1, le=MAX_COUNT)
+    batch_size: int = _opt(16, "examples per step", ge=1, le=MAX_BATCH)
     lr: float | None = _opt(None, "learning rate (unset: 3e-3 for lora/rslora, 1e-2 for vera)", gt=0)
     optimizer: str = _opt("adamw", "local optimizer, fresh each round", choices=("adamw", "sgd"))
     weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) or L2 (sgd)", ge=0)
     max_grad_norm: float = _opt(1.0, "gradient clipping by global norm (0: off)", ge=0)
-    max_length: int = _opt(64, "tokens per example after truncation", ge=8)
-    eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1)
+    max_length: int = _opt(64, "tokens per example after truncation (at most the model's position limit)", ge=8,
+                           le=MAX_TOKENS)
+    eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1, le=MAX_COUNT)
     eval_initial: bool = _opt(True, "evaluate before the first round (recorded as round 0)")
-    eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1)
+    eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1, le=MAX_BATCH)
     max_new_tokens: int = _opt(0, "generation tasks: most tokens generated per answer (0: the task's default: "
-                               "longest reference + 4; math-word 256, python-functions 384)", ge=0)
+                               "longest reference + 4; math-word 256, python-functions 384)", ge=0, le=MAX_TOKENS)
     seed: int = _opt(0, "seed of client sampling, batches and dropout")
     device: str = _opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "compute dtype (auto: bf16 on a device that has it, else float32)",
-                      choices=("auto", "float32", "bfloat16"))
-    threads: int = _opt(0, "torch CPU threads (0: one per available core)", ge=0)
-    round_timeout: float = _opt(0.0, "seconds a client may take to reply in a round (0: no limit)", ge=0)
+    dtype: str = _opt("auto", "compute dtype (auto: bf16 where the device has fast bf16 units, else float32; "
+                              "resolved in the run's config.toml)", choices=("auto", "float32", "bfloat16"))
+    attention: str = _opt("auto", "attention implementation (auto: the faster one for the device and dtype, "
+                                  "measured by benchmarks/throughput.py)", choices=("auto", "eager", "sdpa"))
+    threads: int = _opt(0, "torch CPU threads (0: one per available core)", ge=0, le=MAX_THREADS)
+    round_timeout: float = _opt(0.0, "seconds a client may take to reply in a round (0: no limit)", ge=0,
+                                le=MAX_SECONDS)
     max_update_norm_ratio: float = _opt(0.0, "reject an update whose norm exceeds this × the round's median "
                                              "(0: off)", ge=0)
 
@@ -224,7 +243,8 @@ class FaultsConfig(_Section):
     nonfinite: float = _opt(0.0, "probability a client's update holds NaN/Inf", ge=0, le=1)
     wrong_shape: float = _opt(0.0, "probability a client's update has a tensor of the wrong shape", ge=0, le=1)
     straggler: float = _opt(0.0, "probability a client replies late (after train.round_timeout)", ge=0, le=1)
-    straggler_delay: float = _opt(0.0, "extra seconds a straggler takes (0: twice train.round_timeout)", ge=0)
+    straggler_delay: float = _opt(0.0, "extra seconds a straggler takes (0: twice train.round_timeout)", ge=0,
+                                  le=MAX_SECONDS)
     seed: int = _opt(0, "seed of the fault draws")
 
     @property
