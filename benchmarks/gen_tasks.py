@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -67,10 +68,16 @@ print(json.dumps(summary))
 
 
 def child(code: str, *args: str) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; its JSON result, with the CPU seconds it used (user + system, its
+    own children included: on a shared machine these are steadier than wall time)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=7200)
     if proc.returncode != 0:
         sys.exit(f"child failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["cpu_seconds"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return result
 
 
 def save(path: Path, results: dict[str, dict[str, object]]) -> None:
@@ -114,7 +121,9 @@ def main() -> None:
             if key not in results:
                 t = time.perf_counter()
                 summary = child(RUN_CHILD, json.dumps(run_overrides), out_dir)
-                results[key] = {"summary": summary, "wall_seconds": time.perf_counter() - t, "command": command}
+                cpu = summary.pop("cpu_seconds")
+                results[key] = {"summary": summary, "wall_seconds": time.perf_counter() - t, "cpu_seconds": cpu,
+                                "command": command}
                 save(path, results)
             s = results[key]["summary"]  # type: ignore[index]
             line = (f"{task} {method}: acc global {pct(s['acc_global'])}, personal {pct(s['acc_personal_mean'])}")
