@@ -11,12 +11,17 @@ padding does not shift positions.
 ``evaluate`` reports, over the examples it is given:
 
 * ``acc``: exact match of the greedy generation with the reference after :func:`normalize_answer` (lower case,
-  punctuation and surrounding whitespace dropped): ``"Sports."`` matches ``"sports"``;
+  punctuation and surrounding whitespace dropped): ``"Sports."`` matches ``"sports"``; a task may pass another
+  check (``match``): math-word compares final numbers (:func:`fedlora.data.mathword.answers_match`);
 * ``f1``: token-level F1 between the normalised generation and reference (SQuAD-style partial credit);
 * ``loss`` and ``ppl``: mean negative log-likelihood of the reference response tokens (teacher forcing) and
   its exponential, the response perplexity;
 * ``samples``: :data:`SAMPLES_PER_EVAL` examples, evenly spaced over those given, with their generations
   (written to the run directory, not to metrics.jsonl).
+
+Generations are at most ``max_new_tokens`` long (``train.max_new_tokens``; 0: :data:`DEFAULT_MAX_NEW` for the
+maths and code tasks, else the longest reference + :data:`MAX_NEW_SLACK`). :func:`build_task` picks the task of
+a config; python-functions adds HumanEval ``pass_at_1`` (:class:`fedlora.humaneval.CodeTask`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""Instruction data for generation tasks: the two bundled ``-gen`` tasks and user CSV / JSON Lines files.
+"""Instruction data for generation tasks: the two bundled ``-gen`` tasks, user CSV / JSON Lines files, and (in
+their own modules) ``math-word`` (:mod:`fedlora.data.mathword`) and ``python-functions``
+(:mod:`fedlora.data.pyfunctions`), which fix their own global test set (``InstructionDataset.held_out``).
 
 An example is an *instruction*, an optional *input* (the text the instruction is about) and the *response* the
 model must produce. The loss covers the response only; evaluation generates a response greedily and compares it
