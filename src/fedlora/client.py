@@ -9,7 +9,8 @@ round's result does not depend on which clients ran before it, in which order, o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Collection, Mapping, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -82,6 +83,9 @@ class LocalTrainer:
         self.device = device
         # Adapter weights and optimizer state stay float32; bf16 is used for the forward/backward compute only.
         self.bf16 = resolve_dtype(train.dtype, device) == torch.bfloat16
+        # privacy.dp_sgd: a fedlora.privacy.DPSGD (Opacus per-example clipping and noise, Poisson batches), set by
+        # experiment.build; None trains without it.
+        self.dp_sgd: Any = None
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -119,13 +123,18 @@ class LocalTrainer:
         seed = round_seed(cfg.seed, round_, data.client_id)
         losses = []
         self.model.train()
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        dp = self.dp_sgd
+        batches = (dp.batches if dp else batch_indices)(data.train, cfg.local_steps, cfg.batch_size, seed)
+        private = dp.attach(self.model, opt, cfg.batch_size, seed, self.device) if dp else nullcontext((self.model, opt))
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), private as (model, opt):
             torch.manual_seed(seed)  # dropout draws from the global generator; pin it per client and round
-            for idx in batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed):
+            for idx in batches:
+                if len(idx) == 0:  # a Poisson batch (DP-SGD) may be empty: no gradient, no step
+                    continue
                 with self._autocast():
-                    loss = self.task.loss(self.model, self.task.batch(idx, self.device))
+                    loss = self.task.loss(model, self.task.batch(idx, self.device))
                 loss.backward()
-                if cfg.max_grad_norm > 0:
+                if cfg.max_grad_norm > 0 and dp is None:  # DP-SGD clips each example's gradient instead
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -175,6 +184,7 @@ class ClientNode:
     def fit(self, round_: int) -> tuple[Upload, TrainResult]:
         from fedlora.methods import Upload
 
+        start = self.method.upload(self.state)  # what the round starts from: the reference of its update
         result = self.trainer.train(self.state, self.data, round_, frozen=self.method.frozen_keys(), adapter=self.adapter)
         bad = [k for k, v in result.state.items() if not bool(torch.isfinite(v).all())]
         if bad or not np.isfinite(result.loss):
@@ -182,7 +192,9 @@ class ClientNode:
             raise ClientFailure(f"local training diverged (non-finite loss or weights in {bad[:2]})")
         self.state = result.state
         meta = {"train_loss": result.loss, "fingerprint": self.fingerprint}
-        return Upload(self.data.client_id, self.method.upload(self.state), result.num_examples, meta), result
+        # privatize: the identity, or a privacy wrapper's clipping and noise (fedlora.privacy)
+        payload = self.method.privatize(self.method.upload(self.state), start, round_, self.data.client_id)
+        return Upload(self.data.client_id, payload, result.num_examples, meta), result
 
     def evaluate(self) -> dict[str, float]:
         return self.trainer.evaluate(self.state, self.data.test, self.adapter)

@@ -252,6 +252,36 @@ class FaultsConfig(_Section):
         return any((self.crash, self.nonfinite, self.wrong_shape, self.straggler))
 
 
+@dataclass(frozen=True)
+class PrivacyConfig(_Section):
+    """Differential privacy and secure aggregation (docs/privacy.md); fedlora.privacy wraps the method."""
+
+    SECTION = "privacy"
+    dp: str = _opt("off", "client-level DP: 'local' (each client clips its update to clip_norm and adds Gaussian "
+                   "noise before upload), 'central' (DP-FedAvg: clients clip, the server adds the noise to the sum; "
+                   "clients are then Poisson-sampled with rate clients_per_round/num_clients)",
+                   choices=("off", "local", "central"))
+    clip_norm: float = _opt(1.0, "L2 bound C on a client's update (uploaded tensors minus the round's start)", gt=0)
+    noise_multiplier: float = _opt(1.0, "Gaussian noise std / clip_norm (z); 0: clipping only, no guarantee", ge=0)
+    delta: float = _opt(1e-5, "delta of the reported (epsilon, delta) guarantees", gt=0, lt=1)
+    target_epsilon: float | None = _opt(None, "calibrate noise_multiplier (Opacus RDP accountant) so that epsilon "
+                                        "after train.rounds rounds is at most this (unset: use noise_multiplier)",
+                                        gt=0)
+    noise_seed: int = _opt(-1, "seed of the DP noise (-1: fresh secret entropy each run, for deployments; >= 0: "
+                           "reproducible noise, for experiments only)", ge=-1)
+    dp_sgd: bool = _opt(False, "sample-level DP-SGD in local training (Opacus: per-example clipping and noise, "
+                        "Poisson-sampled batches); each client's epsilon is reported")
+    dp_sgd_noise_multiplier: float = _opt(1.0, "DP-SGD noise std / dp_sgd_clip_norm", ge=0)
+    dp_sgd_clip_norm: float = _opt(1.0, "DP-SGD per-example gradient L2 bound", gt=0)
+    secure_aggregation: bool = _opt(False, "the server learns only the sum of the uploads (Flower SecAgg+); needs "
+                                    "runtime.kind = 'flower' and a method whose server needs only that sum")
+
+    @property
+    def active(self) -> bool:
+        """Whether anything of this section changes a run (the method is then wrapped by fedlora.privacy)."""
+        return self.dp != "off" or self.dp_sgd or self.secure_aggregation
+
+
 DEFAULT_LR = {"lora": 3e-3, "rslora": 3e-3, "vera": 1e-2}
 
 
@@ -266,6 +296,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         a, m, d, t = self.adapter, self.method, self.data, self.train
@@ -289,6 +320,9 @@ class Config:
             raise ConfigError(f"data.dataset = {d.dataset!r} needs data.path (the file to read)")
         if self.faults.straggler > 0 and t.round_timeout <= 0:
             raise ConfigError("faults.straggler > 0 needs train.round_timeout > 0 (the deadline a straggler misses)")
+        from fedlora.privacy.checks import check_config  # the privacy rules live with the privacy package
+
+        check_config(self)
 
     @property
     def clients_per_round(self) -> int:
@@ -305,8 +339,11 @@ class Config:
         task, targets = self._resolve_task(), self.adapter.targets
         if targets is None:  # per model family: BERT names its attention projections query/value, Llama q_proj/v_proj
             targets = ("q_proj", "v_proj") if task == "generation" else ("query", "value")
+        from fedlora.privacy.checks import resolve_privacy  # calibrates the noise for privacy.target_epsilon
+
         return replace(self, train=replace(self.train, lr=lr), method=replace(self.method, share_head=share),
-                       data=replace(self.data, task=task), adapter=replace(self.adapter, targets=targets))
+                       data=replace(self.data, task=task), adapter=replace(self.adapter, targets=targets),
+                       privacy=resolve_privacy(self))
 
     def _resolve_task(self) -> str:
         """data.task = auto: generation for the -gen datasets and for csv/jsonl on a causal LM; checked against

@@ -130,7 +130,9 @@ def build(config: Config) -> Experiment:
     slot_maps = {name: adapters.slots(model, name) for name in ["default", *sorted(set(names.values()) - {"default"})]}
     init_states = {name: adapters.read_state(m) for name, m in slot_maps.items()}
     info = AdapterInfo.of(init_states["default"], model)
-    method = method_cls(config, info)
+    from fedlora import privacy  # DP wraps the method (privacy.dp) and local training (privacy.dp_sgd)
+
+    method = privacy.wrap(method_cls(config, info), config, [len(c.train) for c in clients])
     models.set_attention(model, config.train.attention)
     if config.train.dtype == "bfloat16":  # frozen base weights in bf16; adapters, heads, optimizer state float32
         keep = [p for m in slot_maps.values() for p in m.values()]
@@ -140,6 +142,7 @@ def build(config: Config) -> Experiment:
         models.store_frozen(model, torch.bfloat16, keep)
     trainer = LocalTrainer(model, slot_maps["default"], task, config.train, device,
                            {n: m for n, m in slot_maps.items() if n != "default"})
+    trainer.dp_sgd = privacy.local_training(config)
     return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model,
                       slots=slot_maps["default"], task=task, method=method, info=info,
                       init_state=init_states["default"], fingerprint=adapters.projection_fingerprint(model),

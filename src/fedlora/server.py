@@ -50,10 +50,14 @@ class Server:
 
     # ---- who takes part ------------------------------------------------------------------------------
     def sample(self, round_: int) -> list[int]:
-        """The clients of a round: a seeded draw without replacement, sorted (all of them when k = N)."""
+        """The clients of a round: a seeded draw of k without replacement, or each client with probability k/N
+        when the method's ``sampling`` is "poisson"; sorted (all of them when k = N)."""
         if self.clients_per_round >= self.num_clients:
             return list(range(self.num_clients))
         rng = np.random.default_rng([self.seed, round_, 0x5A3])
+        if self.method.sampling == "poisson":  # each client with probability k/N (central DP's accountant)
+            draw = rng.random(self.num_clients)
+            return [c for c in range(self.num_clients) if draw[c] < self.clients_per_round / self.num_clients]
         return sorted(int(c) for c in rng.choice(self.num_clients, self.clients_per_round, replace=False))
 
     # ---- what a client must receive ------------------------------------------------------------------

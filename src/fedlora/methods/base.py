@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 from fedlora.config import Config
 
@@ -71,6 +71,12 @@ class Method(ABC):
     # True when every broadcast must reach every client (base-weight updates accumulate); False when the
     # latest broadcast alone brings a lagging client up to date.
     cumulative: ClassVar[bool] = False
+    # True when the broadcast is the weighted mean of the uploads, key by key (the server needs only their sum):
+    # then central DP (noise on the sum) and secure aggregation (the server learns only the sum) fit the method.
+    sum_only: ClassVar[bool] = False
+    # How the server samples a round's clients: "fixed" (k of N without replacement) or "poisson" (each client
+    # with probability k/N), which the privacy wrapper declares for central DP (what its accountant assumes).
+    sampling: ClassVar[str] = "fixed"
 
     def __init__(self, config: Config, info: AdapterInfo) -> None:
         self.config = config
@@ -112,6 +118,17 @@ class Method(ABC):
     def upload(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tensors a client sends: exactly :meth:`shared_keys`, nothing private."""
         return {k: state[k] for k in self.shared_keys()}
+
+    def privatize(self, payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], round_: int,
+                  client: int) -> dict[str, torch.Tensor]:
+        """What leaves the client: ``payload`` (the upload after training), given ``start`` (the same keys at the
+        start of the round). The identity here; fedlora.privacy clips and noises the update."""
+        return dict(payload)
+
+    def round_fields(self, round_: int, sample: Callable[[int], Sequence[int]]) -> dict[str, Any]:
+        """Fields a wrapper adds to round ``round_``'s record (fedlora.privacy: epsilon so far); ``sample(r)`` is
+        the server's client sample of round r. None here."""
+        return {}
 
     def apply(self, state: Mapping[str, torch.Tensor], broadcast: Broadcast) -> State:
         """A client's state after receiving ``broadcast``: shared tensors replaced, private ones kept; with

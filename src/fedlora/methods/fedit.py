@@ -15,6 +15,7 @@ class FedIT(Method):
     summary = "FedAvg of A and B separately (Zhang et al. 2024); global model W0 + s·B̄Ā, inexact"
     default_share_head = True
     has_global_model = True
+    sum_only = True  # the broadcast is the weighted mean of the uploads
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         payload = self.average(uploads, self.shared_keys())

@@ -20,6 +20,7 @@ class FedSALoRA(Method):
     summary = "FedSA-LoRA (Guo et al. 2025): share and average A only, keep B and the head private"
     default_share_head = False
     has_global_model = False
+    sum_only = True  # the broadcast is the weighted mean of the uploads
 
     def adapter_keys(self) -> tuple[str, ...]:
         return self.info.with_role("A")

@@ -19,6 +19,7 @@ class FFALoRA(Method):
     summary = "FFA-LoRA (Sun et al. 2024): A frozen at a shared random init, only B trained and averaged"
     default_share_head = True
     has_global_model = True
+    sum_only = True  # the broadcast is the weighted mean of the uploads
 
     def adapter_keys(self) -> tuple[str, ...]:
         return self.info.with_role("B")

@@ -43,6 +43,8 @@ GEN_FIELDS = ("ppl_global", "ppl_personal_mean")
 # Code generation (python-functions) only: HumanEval pass@1 of the global model, the mean over the clients' own
 # models, and each client's.
 CODE_FIELDS = ("pass_at_1_global", "pass_at_1_personal_mean", "pass_at_1_clients")
+# Privacy (fedlora.privacy, privacy.dp / privacy.dp_sgd only): cumulative epsilon at delta after the round.
+PRIVACY_FIELDS = ("epsilon", "delta", "epsilon_sgd", "epsilon_sgd_clients")
 
 
 def _num(x: float | None) -> float | None:
@@ -99,6 +101,7 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         "missing": missing,
         "failed": failed,
         **{k: float(v) for k, v in stats.items()},
+        **server.method.round_fields(round_, server.sample),
     }
     bytes_eval_sync = 0
     if evaluate:
@@ -166,7 +169,7 @@ def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
     """Round 0: every model evaluated before any training, so that learning is visible from its start."""
     t0 = time.perf_counter()
     record: dict[str, Any] = {"round": 0, "train_loss": None, "participants": [], "rejected": [], "missing": [],
-                              "failed": None}
+                              "failed": None, **server.method.round_fields(0, server.sample)}
     record["bytes_down"], record["bytes_eval_sync"] = evaluate_all(server, transport, record, record["missing"])
     record["bytes_up"] = 0
     record["seconds"] = time.perf_counter() - t0
@@ -218,6 +221,8 @@ def summarize(records: Sequence[dict[str, Any]], wall_seconds: float) -> dict[st
         failed_rounds=[r["round"] for r in records if r["failed"]],
         wall_seconds=wall_seconds,
     )
+    if records:
+        out.update({k: records[-1][k] for k in PRIVACY_FIELDS if k in records[-1]})
     if any("agg_error" in r for r in records):
         out["agg_error"] = [r.get("agg_error") for r in records]
     return out

@@ -1,0 +1,67 @@
+"""The rules of the ``[privacy]`` section that involve other sections, and the noise calibration for
+``privacy.target_epsilon``. Light to import (no torch): ``Config`` runs :func:`check_config` on construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from fedlora.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedlora.config import Config, PrivacyConfig
+
+
+def check_config(config: Config) -> None:
+    """Refuse combinations that would give a wrong or empty guarantee, each with the reason."""
+    from fedlora.methods import METHODS  # late: the method registry imports fedlora.config
+
+    p, m = config.privacy, config.method
+    if p.target_epsilon is not None and p.dp == "off":
+        raise ConfigError(f"privacy.target_epsilon = {p.target_epsilon:g} needs privacy.dp = 'local' or 'central' "
+                          "(there is no client-level noise to calibrate with dp = 'off')")
+    method = METHODS.get(m.name)
+    if p.dp == "central":
+        if m.weighting != "uniform":
+            raise ConfigError(f"privacy.dp = 'central' needs method.weighting = 'uniform', not {m.weighting!r}: a "
+                              "weight that grows with a client's data size lets one client move the mean by more "
+                              "than clip_norm / (expected clients), which the noise is calibrated to")
+        if method is not None and not method.sum_only:
+            raise ConfigError(f"privacy.dp = 'central' adds noise to the sum of the uploads, but method.name = "
+                              f"{m.name!r} needs each client's upload, not only their sum; use dp = 'local' (the "
+                              "server then works on noised uploads) or a method that averages: "
+                              f"{', '.join(n for n, c in METHODS.items() if c.sum_only)}")
+    if p.secure_aggregation:
+        if method is not None and not method.sum_only:
+            raise ConfigError(f"privacy.secure_aggregation = true lets the server learn only the sum of the uploads, "
+                              f"but method.name = {m.name!r} needs each client's upload; use one of: "
+                              f"{', '.join(n for n, c in METHODS.items() if c.sum_only)}")
+        if config.runtime.kind != "flower":
+            raise ConfigError("privacy.secure_aggregation = true needs runtime.kind = 'flower': the embedded runtime "
+                              "holds every client in one process, so there is no one to hide an upload from, and it "
+                              "does not pretend to (refused rather than simulated)")
+    if p.dp_sgd and config.adapter.kind == "vera":
+        raise ConfigError("privacy.dp_sgd = true needs per-example gradients, which Opacus computes for nn.Linear "
+                          "layers (LoRA's A and B, heads) but not for VeRA's scaling vectors; use adapter.kind = "
+                          "'lora' or 'rslora'")
+    if p.dp_sgd and config.train.dtype == "bfloat16":
+        raise ConfigError("privacy.dp_sgd = true needs train.dtype = 'float32' (per-example gradients and their "
+                          "clipping in bf16 would be too coarse); set train.dtype = 'float32'")
+
+
+def client_rate(config: Config) -> float:
+    """The probability q that a client takes part in a round: clients_per_round / num_clients."""
+    return config.clients_per_round / config.data.num_clients
+
+
+def resolve_privacy(config: Config) -> PrivacyConfig:
+    """The privacy section with ``noise_multiplier`` calibrated to ``target_epsilon`` (when set) for
+    ``train.rounds`` rounds and the client sampling of the mode (see :mod:`fedlora.privacy.accounting`)."""
+    p = config.privacy
+    if p.target_epsilon is None or p.dp == "off":
+        return p
+    from fedlora.privacy.accounting import calibrate
+
+    z = calibrate(p.dp, p.target_epsilon, p.delta, client_rate(config), config.train.rounds)
+    return replace(p, noise_multiplier=z)
