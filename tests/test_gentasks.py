@@ -189,6 +189,11 @@ def test_sandbox_kills_an_endless_loop() -> None:
     assert run_program("while True:\n    pass\n", Limits(timeout_s=1.0)).status == "timeout"
 
 
+def test_sandbox_bounds_endless_output() -> None:
+    outcome = run_program("while True:\n    print('x' * 1000)\n", Limits(timeout_s=5.0, file_mb=1))
+    assert outcome.status == "failed" and "File too large" in outcome.detail
+
+
 def test_humaneval_programs() -> None:
     problems = load_problems()
     assert len(problems) == 164 and problems[0]["task_id"] == "HumanEval/0"

@@ -5,7 +5,8 @@ so each program runs in its own short-lived process with these layers (each one 
 
 1. **A separate process** (``python -I -B``: isolated mode, no user site, no ``PYTHON*`` variables, no
    bytecode written) in a fresh **temporary directory** that is its working directory, ``HOME`` and ``TMPDIR``,
-   with a minimal environment; the directory is deleted afterwards.
+   with a minimal environment; the directory is deleted afterwards. Its output goes to files beside that
+   directory, bounded by the file-size limit, not into this process's memory.
 2. **Resource limits** (``setrlimit`` by the child on itself before it reads the program): CPU seconds, address space (memory),
    the size of any file it writes, open files, no core dumps; and a **wall-clock timeout** after which the
    whole process group (it runs in a new session) is killed with SIGKILL.
@@ -41,6 +42,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from fedlora.errors import FedloraError
 
@@ -159,6 +161,13 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
         pass
 
 
+def _tail(f: BinaryIO, size: int = 4096) -> bytes:
+    """The last ``size`` bytes of an output file (the token, or the end of a traceback)."""
+    f.seek(0, os.SEEK_END)
+    f.seek(max(0, f.tell() - size))
+    return f.read()
+
+
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     """Execute ``program`` (Python source) in the sandbox described in the module docstring."""
     if not sys.platform.startswith("linux") and sys.platform != "darwin":
@@ -166,30 +175,38 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     token = secrets.token_hex(16)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedlora-sandbox-") as tmp:
-        path = Path(tmp) / "program.py"
+        # The program's directory is work/; its output goes to files beside it (outside its reach), where the
+        # file-size limit also bounds a program that prints forever.
+        work = Path(tmp) / "work"
+        work.mkdir()
+        path = work / "program.py"
         path.write_text(program, encoding="utf-8")
-        env = {"PATH": "/usr/bin:/bin", "HOME": tmp, "TMPDIR": tmp, "LANG": "C.UTF-8",
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work), "LANG": "C.UTF-8",
                "FEDLORA_SANDBOX_TOKEN": token, "PYTHONHASHSEED": "0"}
         cmd = [*_unshare_prefix(), sys.executable, "-I", "-B", "-c", _RUNNER, str(path), *_limit_args(limits)]
-        try:
-            proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, start_new_session=True)
-        except OSError as e:
-            raise SandboxError(f"cannot start the sandboxed interpreter {sys.executable!r}: {e}") from None
-        try:
-            out, err = proc.communicate(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            proc.communicate()
-            return Outcome("timeout", f"killed after {limits.timeout_s:g} s", time.perf_counter() - start)
-        finally:
-            _kill_group(proc)  # anything the program left running in its session
+        with open(Path(tmp) / "stdout", "w+b") as out_f, open(Path(tmp) / "stderr", "w+b") as err_f:
+            try:
+                proc = subprocess.Popen(cmd, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=out_f,
+                                        stderr=err_f, start_new_session=True)
+            except OSError as e:
+                raise SandboxError(f"cannot start the sandboxed interpreter {sys.executable!r}: {e}") from None
+            try:
+                proc.wait(timeout=limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                proc.wait()
+                return Outcome("timeout", f"killed after {limits.timeout_s:g} s", time.perf_counter() - start)
+            finally:
+                _kill_group(proc)  # anything the program left running in its session
+            out, err = _tail(out_f), _tail(err_f)
     seconds = time.perf_counter() - start
     # The last line of stderr: the exception of a traceback ("AssertionError", "PermissionError: sandbox: ...").
     detail = (err.decode("utf-8", "replace").strip().splitlines() or [""])[-1][-_DETAIL_CHARS:]
     if proc.returncode != 0:
         if proc.returncode == -signal.SIGXCPU:
             return Outcome("timeout", "CPU time limit", seconds)
+        if proc.returncode == -signal.SIGXFSZ:
+            return Outcome("failed", f"file size limit ({limits.file_mb} MiB; output included)", seconds)
         return Outcome("failed", detail or f"exit status {proc.returncode}", seconds)
     lines = out.decode("utf-8", "replace").strip().splitlines()
     if not lines or lines[-1].strip() != token:
