@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/aggregation.py [--layers 64 --d 4096 --rank 16 --clients 10 --threads 2]
                                                [--json out.json]
+    .venv/bin/python benchmarks/aggregation.py --estimators [--clients 3 --threads 1 --demo-rounds 8]
 
 What it measures (targets from the design review in brackets):
 
@@ -273,6 +274,79 @@ def print_table(result: dict[str, object]) -> None:
           f"memory {mem['ratio']:.3f}× ≤ 3×: {mem['ratio'] <= 3}")
 
 
+# ---- FLoRA-NA's estimators against the rank-r optimum (issue 14) ------------------------------------------------
+ESTIMATORS = ("fedit", "svd", "paper", "layer-mix")
+
+
+def estimate_all(layers: list[tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor, torch.Tensor]],
+                 weights: list[float]) -> dict[str, tuple[list[float], float]]:
+    """Each estimator on the same uploads: per-layer ‖ΔW̄ − B̂Â‖_F / ‖ΔW̄‖_F and its wall time. ``layers`` holds
+    (Bs, As, B_g, A_g): the clients' factors and the global factors the round started from (the paper's anchor)."""
+    out: dict[str, tuple[list[float], float]] = {}
+    for name in ESTIMATORS:
+        t0 = time.perf_counter()
+        if name == "paper":
+            est = F.flora_na_paper(layers, weights)
+        else:
+            fn = {"fedit": F.fedit, "svd": F.flora_na, "layer-mix": F.flora_na_coefficients}[name]
+            est = [fn(Bs, As, weights) for Bs, As, _, _ in layers]
+        seconds = time.perf_counter() - t0
+        out[name] = ([F.relative_error(Bs, As, weights, B, A) for (Bs, As, _, _), (B, A) in zip(layers, est)], seconds)
+    return out
+
+
+def estimators_synthetic(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Synthetic rounds: global factors (B_g, A_g) and clients that drifted from them (``make_layer``'s shared
+    part is the anchor), at several heterogeneities."""
+    rows = []
+    for h in (0.05, 0.5):
+        a = argparse.Namespace(**{**vars(args), "heterogeneity": h, "d": args.est_d, "rank": args.est_rank})
+        weights = make_weights(a)
+        layers = []
+        for i in range(args.est_layers):
+            g = torch.Generator().manual_seed(1000 * a.seed + i + 1)
+            B0, A0 = torch.randn(a.d, a.rank, generator=g), torch.randn(a.rank, a.d, generator=g)
+            Bs, As = make_layer(i, a)  # the same generator draws: B0, A0 first, then the drifts
+            layers.append((Bs, As, B0 * 1e-2, A0 / math.sqrt(a.d)))
+        result = estimate_all(layers, weights)
+        rows.append({"setting": f"synthetic, drift {h}", **{k: (sum(v[0]), v[1]) for k, v in result.items()}})
+    return rows
+
+
+def estimators_demo(args: argparse.Namespace) -> list[dict[str, object]]:
+    """The default demo (minilm, rotten-tomatoes, 3 clients Dirichlet 0.5, LoRA r = 8 on q/v) run with FLoRA-NA
+    (svd); at every round each estimator is applied to the same real uploads and the round's global factors."""
+    from fedlora import config
+    from fedlora.experiment import build
+    from fedlora.runtime import simulation
+
+    exp = build(config.load(None, ["method.name=flora-na", f"train.rounds={args.demo_rounds}",
+                                   f"train.threads={args.threads}"]))
+    method, rows = exp.method, []
+    aggregate = method.aggregate
+
+    def recording(uploads, global_state):  # type: ignore[no-untyped-def]
+        w = method.weights(uploads)
+        layers = [(Bs, As, global_state[b], global_state[a]) for _, a, b, Bs, As in method.layer_factors(uploads)]
+        result = estimate_all(layers, w)
+        rows.append({"setting": f"demo round {len(rows) + 1}", **{k: (sum(v[0]), v[1]) for k, v in result.items()}})
+        print("  " + "  ".join(f"{k} {v[0]:.4g}" for k, v in list(rows[-1].items())[1:]), flush=True)
+        return aggregate(uploads, global_state)
+
+    method.aggregate = recording  # type: ignore[method-assign]
+    simulation.run(exp.config, None, progress=False, exp=exp)
+    return rows
+
+
+def print_estimators(rows: list[dict[str, object]]) -> None:
+    print("\nΣ over layers of ‖ΔW̄ − B̂Â‖_F / ‖ΔW̄‖_F (svd is the rank-r optimum); in brackets: ÷ the optimum, seconds")
+    print("| setting | " + " | ".join(ESTIMATORS) + " |\n|---|" + "---|" * len(ESTIMATORS))
+    for row in rows:
+        opt = row["svd"][0]  # type: ignore[index]
+        cells = [f"{row[k][0]:.4g} ({row[k][0] / opt:.4f}×, {row[k][1]:.2f} s)" for k in ESTIMATORS]  # type: ignore[index]
+        print(f"| {row['setting']} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=64)
@@ -287,10 +361,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--coef-layers", type=int, default=4, help="layers flora_na_coefficients is timed on")
     ap.add_argument("--check-layers", type=int, default=2, help="layers whose errors get a float64 dense SVD")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--estimators", action="store_true", help="compare FLoRA-NA's estimators (fedit, svd, paper, "
+                    "layer-mix) against the rank-r optimum instead: synthetic rounds, then the demo's real uploads")
+    ap.add_argument("--est-layers", type=int, default=12, help="--estimators: synthetic layers")
+    ap.add_argument("--est-d", type=int, default=384, help="--estimators: synthetic layers are d×d")
+    ap.add_argument("--est-rank", type=int, default=8, help="--estimators: synthetic rank")
+    ap.add_argument("--demo-rounds", type=int, default=8, help="--estimators: demo rounds (0: synthetic only)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(args)))
+        return
+    if args.estimators:
+        rows = estimators_synthetic(args)
+        print_estimators(rows)
+        if args.demo_rounds:
+            rows += estimators_demo(args)
+            print_estimators(rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
         return
     result = run(args)
     print_table(result)

@@ -140,11 +140,13 @@ class LoopbackGrid:
         return [self.replies.pop(i) for i in ids if i in self.replies]
 
 
-def loopback_run(cfg, out: Path, node_extra: dict[int, dict] | None = None) -> LoopbackGrid:
+def loopback_run(cfg, out: Path, node_extra: dict[int, dict] | None = None, grid_cls: type = LoopbackGrid,
+                 **run_extra: object) -> LoopbackGrid:
     n = cfg.data.num_clients
-    run_config = {"fedlora-config": cfgmod.dumps(cfg), "out-dir": str(out), "startup-timeout": 60, "poll-interval": 0.0}
-    grid = LoopbackGrid({100 + c: {"partition-id": c, "num-partitions": n, "adapter-dir": str(out / "clients" / str(c)),
-                                   **(node_extra or {}).get(c, {})} for c in range(n)}, run_config)
+    run_config = {"fedlora-config": cfgmod.dumps(cfg), "out-dir": str(out), "startup-timeout": 60, "poll-interval": 0.0,
+                  **run_extra}
+    grid = grid_cls({100 + c: {"partition-id": c, "num-partitions": n, "adapter-dir": str(out / "clients" / str(c)),
+                               **(node_extra or {}).get(c, {})} for c in range(n)}, run_config)
     run_server(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config))
     return grid
 
@@ -186,6 +188,68 @@ def test_a_clientapp_that_raises_is_missing_from_that_round_only(tmp_path: Path,
     assert r[1]["participants"] == [0, 1] and [m["client"] for m in r[1]["missing"]] == [2]
     assert "injected failure at train@1" in r[1]["missing"][0]["reason"]
     assert r[2]["participants"] == [0, 1, 2] and r[2]["missing"] == []
+
+
+# ---- resume: the server's checkpoint, the nodes' state on disk ---------------------------------------------
+class CrashingGrid(LoopbackGrid):
+    """Stops the ServerApp (an exception, as if its process died) when it pushes the evaluation of round 2,
+    after the nodes trained round 2; and with ``restart`` set, wipes that node's context.state (a SuperNode
+    restarted) before its train message of round 2."""
+
+    crash_at: tuple[str, int] | None = ("evaluate", 2)
+    restart: int | None = None
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        for m in messages:
+            at = (m.metadata.message_type, int(m.content[codec.HEADER]["round"]))
+            if at == self.crash_at:
+                raise RuntimeError("the ServerApp died")
+            if self.restart == m.metadata.dst_node_id and at == ("train", 2):
+                self.contexts[m.metadata.dst_node_id].state = RecordDict()
+        return super().push_messages(messages)
+
+
+def same_results(a: Path, b: Path) -> None:
+    ra, rb = records(a), records(b)
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in ra] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in rb]
+    for c in ("0", "1"):
+        x = load_file(str(a / "clients" / c / "adapter_model.safetensors"))
+        y = load_file(str(b / "clients" / c / "adapter_model.safetensors"))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("method", ["fedsa", "fedex"])
+def test_a_resumed_federation_ends_as_the_uninterrupted_one(tmp_path: Path, task_identity: None, method: str) -> None:
+    cfg = tiny_config("data.num_clients=2", "train.rounds=3", f"method.name={method}")
+    loopback_run(cfg, tmp_path / "whole", **{"federation-id": "a"})
+    with pytest.raises(RuntimeError, match="the ServerApp died"):
+        loopback_run(cfg, tmp_path / "cut", grid_cls=CrashingGrid, **{"federation-id": "b"})
+    assert [r["round"] for r in records(tmp_path / "cut")] == [0, 1]  # round 2 was trained, never recorded
+    assert (tmp_path / "cut" / "clients" / "0.state" / "round-2.safetensors").is_file()
+    # a new Flower run: new SuperNodes (empty context.state); the server resumes from its round-1 checkpoint and
+    # every node rolls back from its round-2 file to its round-1 file
+    loopback_run(cfg, tmp_path / "cut", resume=True, **{"federation-id": "b"})
+    same_results(tmp_path / "whole", tmp_path / "cut")
+    if method == "fedex":  # the base weights FedEx changed came back from the checkpoint and the node files
+        x = load_file(str(tmp_path / "whole" / "clients" / "1" / "base_weights.safetensors"))
+        y = load_file(str(tmp_path / "cut" / "clients" / "1" / "base_weights.safetensors"))
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_a_restarted_supernode_reloads_its_private_state_from_disk(tmp_path: Path, task_identity: None) -> None:
+    cfg = tiny_config("data.num_clients=2", "train.rounds=2", "method.name=fedsa")
+    loopback_run(cfg, tmp_path / "whole", **{"federation-id": "a"})
+    grid_cls = type("RestartingGrid", (CrashingGrid,), {"crash_at": None, "restart": 101})
+    loopback_run(cfg, tmp_path / "restart", grid_cls=grid_cls, **{"federation-id": "a"})
+    same_results(tmp_path / "whole", tmp_path / "restart")  # FedSA's private B and head were not lost
+    # the files of another federation in the same folder are never used: here they would hold round-2 state
+    grid_cls = type("RestartingGrid", (CrashingGrid,), {"crash_at": None, "restart": 101})
+    loopback_run(cfg, tmp_path / "other", grid_cls=grid_cls, node_extra={
+        1: {"state-dir": str(tmp_path / "restart" / "clients" / "1.state")}}, **{"federation-id": "c"})
+    x = load_file(str(tmp_path / "whole" / "clients" / "1" / "adapter_model.safetensors"))
+    y = load_file(str(tmp_path / "other" / "clients" / "1" / "adapter_model.safetensors"))
+    assert not all(torch.equal(x[k], y[k]) for k in x)  # client 1 started round 2 afresh: no file of its own
 
 
 # ---- federations on 127.0.0.1 -----------------------------------------------------------------------------

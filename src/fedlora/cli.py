@@ -88,7 +88,6 @@ def _execute(args: argparse.Namespace, config: Any, out: RunDir) -> dict[str, An
     """Run the experiment into the locked ``out``; print the summary table."""
     from rich.console import Console
 
-    from fedlora.errors import FedloraError
     from fedlora.experiment import build
     from fedlora.report import summary_table
     from fedlora.runtime import simulation
@@ -96,10 +95,12 @@ def _execute(args: argparse.Namespace, config: Any, out: RunDir) -> dict[str, An
     if config.runtime.kind == "flower":  # SuperLink + one SuperNode per client on 127.0.0.1 (docs/flower.md)
         from fedlora.runtime.flower_launch import run_local
 
-        if args.resume:
-            raise FedloraError("--resume is not available with runtime.kind = 'flower': the clients' state lives on "
-                               "their SuperNodes, which end with the run")
-        summary = run_local(config, out, progress=not args.quiet)
+        if args.resume:  # the ServerApp restores its checkpoint; each SuperNode reloads its client's state
+            from fedlora.resume import check_resume
+
+            entry = check_resume(out.path, config.resolved())
+            out.record_resume({**entry, "time": time.time()})
+        summary = run_local(config, out, progress=not args.quiet, resume=bool(args.resume))
         console = Console()
         console.print(summary_table([{"method": config.method.name, "adapter": config.adapter.kind, **summary}]))
         console.print(f"run directory: {out.path}")

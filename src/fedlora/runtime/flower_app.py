@@ -11,6 +11,8 @@ Run config (``[tool.flwr.app.config]`` in ``flwrapp/pyproject.toml``; override w
   overwrite        replace a non-empty out-dir (default: refuse)
   adapters-dir     where a client without node config adapter-dir writes its adapter, as <dir>/<client>
                    (Flower's simulation runtime, whose nodes have no node config of ours)
+  resume           continue out-dir after its last checkpointed round (fedlora run --resume)
+  federation-id    an id for the run directory, the same on resume: nodes file their state under it
   startup-timeout  seconds to wait for the SuperNodes to answer (they build their experiment first)
   poll-interval    seconds between pulls of replies
 
@@ -21,12 +23,16 @@ Node config (``flower-supernode --node-config``):
                    without it the node trains on partition ``partition-id`` of the configured dataset
   adapter-dir      where the node writes its final adapter (default: run config adapters-dir/<k>, else
                    fedlora-adapters/run-<id>/client-<k> under the node's working directory)
+  state-dir        where the node keeps its client's state after every round, for resume and restarts
+                   (default: <adapter-dir>.state; runtime/flower_state.py)
   threads          torch CPU threads on this node (default: train.threads)
   fail-at, kill-at testing aids: ``train@2,evaluate@1`` makes the ClientApp raise, or SIGKILL its own
                    process group (the SuperNode), when that message arrives
 
 A client's full adapter state (its shared tensors and its private ones: FedSA's B side and head) is kept in
-``context.state``, which Flower stores on the SuperNode between messages; it never enters a Message.
+``context.state``, which Flower stores on the SuperNode between messages, and in the node's state folder after
+every round (what a restarted SuperNode or a resumed federation reloads); it never enters a Message. The
+ServerApp checkpoints the server after every round into ``<out-dir>/checkpoint`` as the embedded runtime does.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -55,6 +62,7 @@ from fedlora.experiment import Experiment, build
 from fedlora.methods.base import base_params
 from fedlora.report import RunDir, save_adapter
 from fedlora.runtime import flower_codec as codec
+from fedlora.runtime.flower_state import default_state_dir, load_snapshot, needed_round, save_snapshot
 from fedlora.runtime.flower_transport import FlowerTransport, discover
 from fedlora.runtime.loop import run_rounds, summarize
 from fedlora.runtime.simulation import apply_base_update, make_server
@@ -96,14 +104,34 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     poll = float(rc.get("poll-interval", 0.1))
     startup = float(rc.get("startup-timeout", 300))
     out_dir = str(rc.get("out-dir", "")) or f"runs/flower-{context.run_id}"
-    # Refuses a non-empty folder unless overwrite; the launcher holds the folder's lock (lock=False here).
-    out = RunDir(out_dir, overwrite=bool(rc.get("overwrite")), lock=False)
+    resume = bool(rc.get("resume"))
+    # Refuses a non-empty folder unless overwrite or resume; the launcher holds the folder's lock (lock=False).
+    out = RunDir(out_dir, overwrite=bool(rc.get("overwrite")) and not resume, resume=resume, lock=False)
     exp = build(config)
     cfg = exp.config
     server = make_server(exp)
     out.start(exp)
+    changed: set[str] = set()  # base weights the broadcasts changed (FedEx, FLoRA): checkpointed with the server
+    records: list[dict[str, Any]] = []
+    first_round, elapsed_before = 1, 0.0
+    if resume:  # continue after the last checkpointed round; the nodes reload their clients' state from disk
+        from fedlora.checkpoint import has_checkpoint, load_checkpoint
+
+        if has_checkpoint(out.path / "checkpoint"):
+            ckpt = load_checkpoint(out.path / "checkpoint", server)
+            params = dict(exp.model.named_parameters())
+            with torch.no_grad():
+                for name, value in ckpt.base.items():
+                    params[name].copy_(value)
+            changed.update(ckpt.base)
+            records, first_round, elapsed_before = list(ckpt.records), ckpt.round + 1, ckpt.elapsed
+        out.rewrite_metrics(records)
+        print(f"fedlora: resuming after round {first_round - 1}", flush=True)
     fdir = out.path / "flower"
     fdir.mkdir(exist_ok=True)
+    if not resume:  # the id under which the nodes file their state; a resume passes the same one back
+        (fdir / "federation.json").write_text(json.dumps({"federation_id": _federation_of(rc)}) + "\n",
+                                              encoding="utf-8")
     log = _jsonl(fdir / "messages.jsonl")
 
     labels = list(exp.dataset.label_names) if cfg.data.task == "classification" else []
@@ -117,6 +145,7 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     def on_broadcast(b: Any) -> None:
         if b.base_update:
             apply_base_update(exp.model, b.base_update)
+            changed.update(base_params(b.base_update))
 
     transport = FlowerTransport(grid, server, nodes, lambda s: exp.trainer.evaluate(s, exp.split.global_test),
                                 on_broadcast, round_timeout=cfg.train.round_timeout, poll=poll, log=log)
@@ -128,8 +157,19 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     wire_log = _jsonl(fdir / "rounds.jsonl")
     seen = {"down": transport.wire_down, "up": transport.wire_up}
 
+    config_dict = cfg.to_dict()
+
     def on_record(record: dict[str, Any]) -> None:
+        from fedlora.checkpoint import save_checkpoint
+
+        records.append(record)
         out.append_metrics(record)
+        params = dict(exp.model.named_parameters())
+        # The server's state after the round, atomically, as the embedded runtime writes it; the clients' states
+        # are on their nodes (flower_state), so none is stored here.
+        save_checkpoint(out.path / "checkpoint", record["round"], server, {}, {},
+                        {n: params[n].detach() for n in sorted(changed)}, records,
+                        elapsed_before + time.perf_counter() - start, config=config_dict)
         wire_log({"round": record["round"], "seconds": record["seconds"], "bytes_up": record["bytes_up"],
                   "bytes_down": record["bytes_down"], "wire_bytes_up": transport.wire_up - seen["up"],
                   "wire_bytes_down": transport.wire_down - seen["down"]})
@@ -137,12 +177,14 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
         print(f"fedlora: round {record['round']} done in {record['seconds']:.1f} s; missing "
               f"{[m['client'] for m in record['missing']]}; failed: {record['failed']}", flush=True)
 
-    records = run_rounds(server, loop_transport, cfg, exp.split.global_test, on_record=on_record, progress=False)
-    summary = summarize(records, time.perf_counter() - start)
+    run_rounds(server, loop_transport, cfg, exp.split.global_test, on_record=on_record, start_round=first_round,
+               progress=False, evaluate_initial=not records)
+    summary = summarize(records, elapsed_before + time.perf_counter() - start)
     if loop_transport is not transport:
         from fedlora.runtime.simulation import injected_from
 
         summary["faults_injected"] = injected_from(records, loop_transport)
+    transport.round = records[-1]["round"] if records else 0  # the round the nodes' final state is after
     saved = transport.query("save", nodes.values(), {n: c for c, n in nodes.items()},
                             cfg.train.round_timeout or startup)
     adapters = {}
@@ -246,30 +288,68 @@ def _setup(context: Context) -> tuple[_Setup, ClientData]:
     return cached, cached.data[cid]
 
 
+def _adapter_dir(context: Context, cid: int) -> Path:
+    """Where this node writes its final adapter (node config adapter-dir, else run config adapters-dir/<k>)."""
+    base = str(context.run_config.get("adapters-dir", "") or "")
+    default = Path(base) / str(cid) if base else Path("fedlora-adapters") / f"run-{context.run_id}" / f"client-{cid}"
+    return Path(str(context.node_config.get("adapter-dir", "") or default)).resolve()
+
+
+def _state_dir(context: Context, cid: int) -> Path:
+    """Where this node keeps its client's state after every round (node config state-dir, else next to the
+    adapter folder: :func:`fedlora.runtime.flower_state.default_state_dir`)."""
+    given = str(context.node_config.get("state-dir", "") or "")
+    return Path(given).resolve() if given else default_state_dir(_adapter_dir(context, cid))
+
+
 def _restore(context: Context, message: Message) -> tuple[_Setup, ClientNode]:
-    """This node's ClientNode as it was after its last completed message (from ``context.state``)."""
+    """This node's ClientNode in the state the message must be served from: ``context.state`` when it is not
+    later than that, else the latest state file on disk that is not (module docstring of flower_state)."""
     setup, data = _setup(context)
     header = message.content[codec.HEADER]
     if int(header["client"]) != data.client_id:
         raise FedloraError(f"message for client {header['client']} reached the node of client {data.client_id}")
-    _fault_hooks(context, message.metadata.message_type, int(header["round"]))
+    kind, round_ = message.metadata.message_type, int(header["round"])
+    _fault_hooks(context, kind, round_)
     exp = setup.exp
     node = exp.client_node(data, apply_base=setup.apply_base)
-    if STATE in context.state:
+    limit = needed_round(kind, round_) if kind in ("train", "evaluate") else 1 << 62  # save: the latest
+    have = int(context.state[META].get("round", -1)) if META in context.state else None  # type: ignore[union-attr]
+    stored: dict[str, Any] = {}
+    if STATE in context.state and have is not None and have <= limit:
         node.state = codec.from_arrays(context.state[STATE])  # type: ignore[arg-type]
         node.version = int(context.state[META]["version"])  # type: ignore[index]
-    stored = codec.from_arrays(context.state[BASE]) if BASE in context.state else {}  # type: ignore[arg-type]
+        stored = codec.from_arrays(context.state[BASE]) if BASE in context.state else {}  # type: ignore[arg-type]
+    else:  # a restarted SuperNode, a resumed federation, or a message of a round this node has gone past
+        snap = load_snapshot(_state_dir(context, data.client_id), _federation(context), data.client_id, limit)
+        if snap is not None:
+            node.state, node.version, stored = snap.state, snap.version, snap.base
+        setup.owner = None  # whatever the model holds, put this state's base weights in
     setup.load_base(data.client_id, node.version, stored)
     return setup, node
 
 
-def _persist(context: Context, setup: _Setup, node: ClientNode) -> None:
-    """Keep the node's state on the SuperNode for the next message (only after the message succeeded)."""
+def _federation(context: Context) -> str:
+    return _federation_of(context.run_config)
+
+
+def _federation_of(run_config: Any) -> str:
+    """The run config's federation-id: the launcher's random id of the run directory (kept across resumes)."""
+    return str(run_config.get("federation-id", "") or "")
+
+
+def _persist(context: Context, setup: _Setup, node: ClientNode, round_: int) -> None:
+    """Keep the node's state for the next message (only after the message succeeded): in ``context.state`` and,
+    atomically, in the node's state folder (what a restarted SuperNode or a resumed federation reloads)."""
     context.state[STATE] = codec.to_arrays(node.state)
-    context.state[META] = ConfigRecord({"version": node.version, "client": node.data.client_id})
+    context.state[META] = ConfigRecord({"version": node.version, "client": node.data.client_id, "round": round_})
+    base = {}
     if setup.originals:
         params = dict(setup.exp.model.named_parameters())
-        context.state[BASE] = codec.to_arrays({n: params[n] for n in sorted(setup.originals)})
+        base = {n: params[n] for n in sorted(setup.originals)}
+        context.state[BASE] = codec.to_arrays(base)
+    save_snapshot(_state_dir(context, node.data.client_id), _federation(context), node.data.client_id, round_,
+                  node.version, node.state, base)
     setup.owner = (node.data.client_id, node.version)
 
 
@@ -286,9 +366,10 @@ def _train(message: Message, context: Context) -> Message:
     start = time.perf_counter()
     setup, node = _restore(context, message)
     node.receive(codec.get_broadcasts(message.content))
-    upload, _ = node.fit(int(message.content[codec.HEADER]["round"]))
-    reply = codec.upload_reply(upload, setup.exp.method.shared_keys())
-    _persist(context, setup, node)
+    round_ = int(message.content[codec.HEADER]["round"])
+    upload, _ = node.fit(round_)
+    reply = codec.upload_reply(upload, setup.exp.method.plan(round_).upload)
+    _persist(context, setup, node, round_)
     reply["timing"] = ConfigRecord({"compute_s": time.perf_counter() - start})
     return Message(reply, reply_to=message)
 
@@ -299,7 +380,7 @@ def _evaluate(message: Message, context: Context) -> Message:
     setup, node = _restore(context, message)
     node.receive(codec.get_broadcasts(message.content))
     metrics = node.evaluate()
-    _persist(context, setup, node)
+    _persist(context, setup, node, int(message.content[codec.HEADER]["round"]))
     # Generation tasks also return sample generations (a list): they travel as JSON text, not as metrics.
     samples = metrics.pop("samples", None)
     content = {"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
@@ -324,10 +405,7 @@ def _query(message: Message, context: Context) -> Message:
         return Message(RecordDict({codec.HEADER: ConfigRecord(info)}), reply_to=message)
     if header["kind"] == "save":
         _, node = _restore(context, message)
-        base = str(context.run_config.get("adapters-dir", "") or "")
-        default = Path(base) / str(cid) if base else \
-            Path("fedlora-adapters") / f"run-{context.run_id}" / f"client-{cid}"
-        path = Path(str(context.node_config.get("adapter-dir", "") or default)).resolve()
+        path = _adapter_dir(context, cid)
         save_adapter(setup.exp, node.state, path, node.adapter)
         digest = hashlib.sha256((path / "adapter_model.safetensors").read_bytes()).hexdigest()
         return Message(RecordDict({"saved": ConfigRecord({"client": cid, "path": str(path), "sha256": digest})}),

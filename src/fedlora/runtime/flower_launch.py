@@ -210,7 +210,7 @@ def run_status(procs: Processes, run_id: int, timeout: float = 120.0) -> dict[st
 def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool = True,
               timeout: float | None = None, startup_timeout: float = 600.0,
               node_config: Mapping[int, Mapping[str, Any]] | None = None, poll: float = 0.2,
-              simulation: bool = False, fast_poll: bool = True) -> dict[str, Any]:
+              simulation: bool = False, fast_poll: bool = True, resume: bool = False) -> dict[str, Any]:
     """Run ``config`` through Flower on 127.0.0.1 and write ``out`` as the embedded runtime does.
 
     ``timeout`` bounds the whole run (seconds; None: no bound); ``node_config`` adds per-client node config
@@ -220,6 +220,10 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
     docs/flower.md). ``fast_poll`` runs each SuperNode through :mod:`fedlora.runtime.flower_supernode`
     (Flower's SuperNode with its 3-s idle wait capped at 0.2 s: free on loopback, the main Flower overhead
     otherwise); ``fast_poll=False`` runs ``flower-supernode`` as is.
+
+    ``resume=True`` continues the run in ``out`` after its last checkpointed round (``fedlora run --resume``): the
+    ServerApp restores its checkpoint and every SuperNode reloads its client's state from its state folder
+    (``out/flower/nodes/<k>``), under the federation id the first launch drew (``out/flower/federation.json``).
     """
     try:
         import flwr  # noqa: F401
@@ -227,7 +231,9 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
         raise FedloraError("runtime.kind = 'flower' needs Flower: pip install 'fedlora[flower]' (flwr 1.41)") from None
     n = config.data.num_clients
     start = time.monotonic()
-    overwrite = out.overwrite or not (out.path.is_dir() and any(e.name != LOCK_FILE for e in out.path.iterdir()))
+    overwrite = not resume and (out.overwrite or not (out.path.is_dir() and
+                                                      any(e.name != LOCK_FILE for e in out.path.iterdir())))
+    federation = _federation_id(out, resume)
     out.path.mkdir(parents=True, exist_ok=True)  # empty, or cleared by the ServerApp (overwrite)
     out.lock()  # this launcher holds the run directory's lock; its ServerApp writes there with lock=False
     home = Path(tempfile.mkdtemp(prefix="fedlora-flower-"))
@@ -254,7 +260,8 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
             for c in range(0 if simulation else n):
                 port = free_port()
                 values = {"partition-id": c, "num-partitions": n, "adapter-dir": str(out_abs / "clients" / str(c)),
-                          "threads": threads, **dict((node_config or {}).get(c, {}))}
+                          "state-dir": str(out_abs / "flower" / "nodes" / str(c)), "threads": threads,
+                          **dict((node_config or {}).get(c, {}))}
                 supernode = [sys.executable, "-m", "fedlora.runtime.flower_supernode"] if fast_poll else \
                     [_bin("flower-supernode")]
                 node = procs.start(f"supernode-{c}", [
@@ -275,6 +282,7 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
             run_config.write_text(
                 "\n".join(f"{k} = {_toml_value(v)}" for k, v in {
                     "fedlora-config": cfgmod.dumps(config), "out-dir": str(out_abs), "overwrite": overwrite,
+                    "resume": resume, "federation-id": federation,
                     "adapters-dir": str(out_abs / "clients"),
                     "startup-timeout": startup_timeout, "poll-interval": poll}.items()) + "\n", encoding="utf-8")
             stream = procs.start("serverapp", [_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config",
@@ -306,6 +314,21 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
                 if (home / name).exists():
                     shutil.copy2(home / name, out.path / "flower" / name)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def _federation_id(out: RunDir, resume: bool) -> str:
+    """A new random id for a new run; on resume, the id the run's ServerApp recorded (flower/federation.json)."""
+    path = out.path / "flower" / "federation.json"
+    if not resume:
+        import uuid
+
+        return uuid.uuid4().hex
+    try:
+        return str(json.loads(path.read_text(encoding="utf-8"))["federation_id"])
+    except (OSError, ValueError, KeyError):
+        raise FedloraError(f"--resume {str(out.path)!r}: no {str(path)!r}; the Flower run stopped before its "
+                           "ServerApp started, so there is nothing to continue: start it again with --overwrite") \
+            from None
 
 
 def _see(out: RunDir, name: str) -> str:
