@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fedlora.adapters import State, read_state, write_state
+from fedlora.models import resolve_dtype
 from fedlora.config import TrainConfig
 from fedlora.errors import ClientFailure
 from fedlora.tasks import Task
@@ -40,15 +41,6 @@ class TrainResult:
     loss: float
     num_examples: int
     steps: int
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``train.dtype``: auto is bf16 where the device has fast bf16 (a CUDA GPU that supports it), else float32."""
-    if name == "bfloat16":
-        return torch.bfloat16
-    if name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
 
 
 def round_seed(seed: int, round_: int, client: int) -> int:
@@ -81,8 +73,9 @@ class LocalTrainer:
         self.task = task
         self.cfg = train
         self.device = device
-        # Adapter weights and optimizer state stay float32; bf16 is used for the forward/backward compute only.
-        self.bf16 = resolve_dtype(train.dtype, device) == torch.bfloat16
+        # In bf16 the frozen base weights are stored in bf16 (experiment.build) and autocast computes every product
+        # in bf16; adapter weights, heads, gradients and optimizer state stay float32.
+        self.bf16 = resolve_dtype(train.dtype, device) == "bfloat16"
         # privacy.dp_sgd: a fedlora.privacy.DPSGD (Opacus per-example clipping and noise, Poisson batches), set by
         # experiment.build; None trains without it.
         self.dp_sgd: Any = None
@@ -146,9 +139,10 @@ class LocalTrainer:
                            num_examples=int(len(data.train)), steps=len(losses))
 
     def evaluate(self, state: Mapping[str, torch.Tensor], idx: np.ndarray, adapter: str = "default") -> dict[str, float]:
-        """Metrics of the model with ``state`` on the examples ``idx`` (real predictions)."""
+        """Metrics of the model with ``state`` on the examples ``idx`` (real predictions), at the training dtype
+        and under ``torch.inference_mode`` (no autograd bookkeeping at all)."""
         self.load(state, adapter)
-        with self._autocast():
+        with torch.inference_mode(), self._autocast():
             return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
 
 

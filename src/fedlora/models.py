@@ -23,7 +23,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Collection, Iterator
 
 import torch
 from torch import nn
@@ -293,3 +293,84 @@ def load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
     # Read afresh each time rather than cached and deep-copied like the encoders: safetensors loads a 135M model
     # about as fast as a deep copy, and the process then holds one copy of the weights instead of two.
     return _causal_pretrained(spec.path)
+
+
+# ---- compute dtype, storage of frozen weights, attention ----------------------------------------------------
+
+# CPU features that make bf16 matrix products faster than float32: AMX tiles (Intel Sapphire Rapids and later) and
+# the AVX512-BF16 dot-product instructions (Intel Cooper Lake, AMD Zen 4 and later). Without them PyTorch still
+# computes in bf16, by converting to float32 around every product, which is slower than float32 throughout
+# (measured by benchmarks/throughput.py on an AVX2-only AMD EPYC: see the README's Benchmarks).
+FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags: /proc/cpuinfo on Linux, else what PyTorch's own CPU detection reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    found = set()
+    for flag, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        check = getattr(torch.cpu, probe, None)  # private helpers of torch.cpu; absent in some versions
+        if check is not None and check():
+            found.add(flag)
+    return frozenset(found)
+
+
+def has_fast_bf16(device: torch.device, flags: frozenset[str] | None = None) -> bool:
+    """Whether bf16 matrix products are faster than float32 on ``device``: a CUDA GPU with native bf16 (Ampere
+    and later; emulated bf16 on older GPUs is not faster), or a CPU with :data:`FAST_BF16_CPU_FLAGS`."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if device.type == "cpu":
+        return bool(FAST_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags))
+    return False
+
+
+def resolve_dtype(name: str, device: torch.device, flags: frozenset[str] | None = None) -> str:
+    """``train.dtype``: "auto" becomes "bfloat16" where :func:`has_fast_bf16`, else "float32"."""
+    if name != "auto":
+        return name
+    return "bfloat16" if has_fast_bf16(device, flags) else "float32"
+
+
+def resolve_attention(name: str, device: torch.device, dtype: str) -> str:
+    """``train.attention``: "auto" is the faster implementation for the device and dtype, as measured by
+    benchmarks/throughput.py (one local step of minilm, batch 16 × 64 tokens, forward and backward):
+
+    - CPU, bf16: "eager". PyTorch's SDPA has a slow bf16 backward on CPU (about half of a 245 ms step on a
+      2-core AMX machine, where the eager step takes 100 ms).
+    - CPU, float32 and CUDA: "sdpa" (fused kernels on GPUs; on CPU in float32 the two are within noise).
+    """
+    if name != "auto":
+        return name
+    return "eager" if device.type == "cpu" and dtype == "bfloat16" else "sdpa"
+
+
+def set_attention(model: nn.Module, implementation: str) -> None:
+    """Switch the attention implementation of a loaded (possibly PEFT-wrapped) transformers model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.set_attn_implementation(implementation)
+
+
+def store_frozen(model: nn.Module, dtype: torch.dtype, keep: Collection[nn.Parameter]) -> int:
+    """Store every parameter of ``model`` except ``keep`` in ``dtype``, in place; returns how many were cast.
+
+    In bf16 the frozen base weights are stored in bf16 so that autocast does not convert them again at every
+    step; ``keep`` holds what must stay float32: the adapter and head parameters (trained, with their optimizer
+    state) and base weights that aggregation changes (FedEx, FLoRA: thousands of small merges would be lost to
+    bf16's 8-bit mantissa, so those weights are their own float32 master and autocast rounds them per product).
+    """
+    kept = {id(p) for p in keep}
+    cast = 0
+    seen: set[int] = set()
+    for p in model.parameters():  # a tied weight (SmolLM2's embedding and LM head) is one parameter, seen once
+        if id(p) in kept or id(p) in seen or p.dtype == dtype or not p.is_floating_point():
+            continue
+        seen.add(id(p))
+        p.data = p.data.to(dtype)
+        cast += 1
+    return cast

@@ -10,6 +10,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from torch import nn
 
@@ -46,22 +47,29 @@ class ClassificationTask:
         return {k: v.to(device) for k, v in collate(self.encoded, idx, self.pad_id).items()}
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(**batch).loss
+        return self._loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
 
-    @torch.no_grad()
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        # Cross-entropy in float32 whatever the compute dtype: bf16 logits have 8 bits of mantissa, too few for
+        # the log-sum-exp of the loss (and the head's gradient) to be accurate.
+        return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+    @torch.inference_mode()
     def predict(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> tuple[np.ndarray, float]:
         """Predicted labels for ``idx`` (in the order given) and the mean loss."""
         idx = np.asarray(idx)
-        # Sort by length so that each batch pads little; restore the order afterwards.
+        # Sort by length so that each batch pads only to its own longest example; restore the order afterwards.
         order = np.argsort(self._lengths[idx], kind="stable")
         pred = np.empty(len(idx), dtype=np.int64)
         total_loss = 0.0
         model.eval()
         for start in range(0, len(idx), batch_size):
             pos = order[start:start + batch_size]
-            out = model(**self.batch(idx[pos], device))
-            pred[pos] = out.logits.argmax(-1).cpu().numpy()
-            total_loss += float(out.loss) * len(pos)
+            batch = self.batch(idx[pos], device)
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            pred[pos] = logits.argmax(-1).cpu().numpy()
+            total_loss += float(self._loss(logits, batch["labels"], reduction="sum"))
         return pred, total_loss / max(len(idx), 1)
 
     def evaluate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]:
