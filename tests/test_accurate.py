@@ -190,10 +190,10 @@ def test_flora_heterogeneous_ranks_server_checks_each_clients_rank() -> None:
 
     wrong = transport.uploads[1]  # client 1 has rank 4; client 0 must send rank 2
     with pytest.raises(UpdateRejected, match=r"expected \(2, "):
-        server.validate(Upload(0, wrong.payload, wrong.num_examples, wrong.meta))
-    server.validate(Upload(1, wrong.payload, wrong.num_examples, wrong.meta))
+        server.validate(Upload(0, wrong.payload, wrong.num_examples, wrong.meta), 1)
+    server.validate(Upload(1, wrong.payload, wrong.num_examples, wrong.meta), 1)
     with pytest.raises(UpdateRejected, match="client id 7"):
-        server.validate(Upload(7, wrong.payload, wrong.num_examples, wrong.meta))
+        server.validate(Upload(7, wrong.payload, wrong.num_examples, wrong.meta), 1)
 
 
 def test_flora_heterogeneous_ranks_saved_adapters_load_with_peft(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -221,7 +221,7 @@ def test_flora_heterogeneous_ranks_saved_adapters_load_with_peft(tmp_path) -> No
 
 
 def test_per_client_ranks_are_refused_where_factors_are_averaged() -> None:
-    with pytest.raises(ConfigError, match="per-client ranks need method.name = 'flora'"):
+    with pytest.raises(ConfigError, match=r"adapter.rank = \[2, 4, 4\] needs clients with adapters of different ranks.*method.name = 'flora'"):
         tiny_config("method.name=fedit", "adapter.rank=[2,4,4]")
     with pytest.raises(ConfigError, match="adapter.rank has 2 entries but data.num_clients = 3"):
         tiny_config("method.name=flora", "adapter.rank=[2,4]")

@@ -194,7 +194,7 @@ def test_local_dp_uploads_are_noised_and_the_client_keeps_its_own_training(tmp_p
     exp = _private_method("method.name=fedsa", "privacy.dp=local", "privacy.noise_multiplier=1.0",
                           "privacy.clip_norm=0.01", "privacy.noise_seed=5")
     node = exp.client_node(exp.clients[0])
-    start = exp.method.upload(node.state)
+    start = exp.method.upload(node.state, 1)
     upload, result = node.fit(1)
     assert set(upload.payload) == set(exp.method.shared_keys())  # A side only: FedSA's B never leaves
     sent = {k: upload.payload[k] - start[k] for k in start}

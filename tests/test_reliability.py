@@ -156,7 +156,7 @@ def test_update_norm_bound_rejects_outliers() -> None:
     ref = {k: exp.init_state[k] for k in exp.method.shared_keys()}
     ups = [Upload(c, {k: v + 0.01 * (c + 1) for k, v in ref.items()}, 10) for c in range(3)]
     ups.append(Upload(3, {k: v + 100.0 for k, v in ref.items()}, 10))
-    kept, rejected = server.screen(ups)
+    kept, rejected = server.screen(ups, 1)
     assert [u.client for u in kept] == [0, 1, 2]
     assert rejected[0].client == 3 and "exceeds 3 × the round's median" in rejected[0].reason
 
@@ -196,10 +196,10 @@ def test_validation_accepts_exactly_the_well_formed_updates(server_and_ref, data
         n = data.draw(st.integers(-5, 0))
     upload = Upload(0, payload, n)
     if fault == "none":
-        server.validate(upload)
+        server.validate(upload, 1)
     else:
         with pytest.raises(UpdateRejected):
-            server.validate(upload)
+            server.validate(upload, 1)
 
 
 _KEYS = [(s, f.name) for s, cls in cfgmod.SECTIONS.items() for f in __import__("dataclasses").fields(cls)]

@@ -139,7 +139,9 @@ def heatmap(sims: Sequence[LayerSimilarity], path: Path, kind: str, title: str) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a_name, b_name = ("λ_d", "λ_b") if kind == "vera" else ("A", "B")
+    from fedlora.registry import ADAPTERS
+
+    a_name, b_name = ADAPTERS.lookup(kind).side_names
     panels = [[("a", f"{a_name} learned"), ("b", f"{b_name} learned")],
               [("a_change", f"{a_name} − initial"), ("b_change", f"{b_name} − initial")]]
     n = sims[0].a.shape[0]

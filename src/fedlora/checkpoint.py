@@ -172,7 +172,6 @@ def load_checkpoint(directory: Path, server: Server) -> Checkpoint:
         groups.setdefault(head, {})[rest] = t
 
     server.global_state = groups.get("global", {})
-    server._reference = {k: server.global_state[k] for k in server._reference}
     for name in server.rank_states:
         if f"rank/{name}" not in groups:
             raise FedloraError(f"checkpoint {str(path)!r} has no state for the rank adapter {name!r}: it was written "

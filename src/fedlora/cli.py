@@ -31,6 +31,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fedlora: error: {message}\n")
 
 
+def add_plugin_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="FILE",
+                        help="a Python file that registers methods, adapter kinds, datasets or runtimes "
+                             "(repeatable; docs/extending.md)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fedlora", description="Federated fine-tuning with LoRA-family adapters.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -45,9 +51,11 @@ def _parser() -> argparse.ArgumentParser:
                                                      "(its config.toml is used; no CONFIG or --set)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.add_argument("--tensorboard", action="store_true", help="also log the run to <run dir>/tensorboard")
+    add_plugin_option(run)
 
-    sub.add_parser("methods", help="list the aggregation methods and adapters")
+    add_plugin_option(sub.add_parser("methods", help="list the methods, adapter kinds, datasets and runtimes"))
     keys = sub.add_parser("config", help="print the resolved config (after --set) as TOML")
+    add_plugin_option(keys)
     keys.add_argument("config", nargs="?")
     keys.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     keys.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
@@ -65,7 +73,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides or args.out or args.overwrite:
             raise FedloraError("--resume DIR continues DIR with its own config.toml; do not combine it with "
-                               "CONFIG, --set, --out or --overwrite")
+                               "CONFIG, --set, --out or --overwrite (--plugin is allowed: give the run's plugins)")
         resume_dir = Path(args.resume)
         if not (resume_dir / "config.toml").is_file():
             raise FedloraError(f"--resume {str(resume_dir)!r}: no config.toml there (not a fedlora run directory)")
@@ -146,15 +154,17 @@ def _run_dir(args: argparse.Namespace, path: Path, **kwargs: bool) -> RunDir:
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
-    from fedlora.methods import METHODS
+    """Every registered plugin with its description; methods with the adapter kinds they fit."""
+    from fedlora.registry import ADAPTERS, DATASETS, METHODS, RUNTIMES, fitting_adapters
 
+    width = max(len(n) for r in (METHODS, ADAPTERS, DATASETS, RUNTIMES) for n in r)
     print("methods:")
     for name, cls in METHODS.items():
-        print(f"  {name:<9} {cls.summary} [adapters: {', '.join(cls.adapters)}]")
-    print("adapters:")
-    print("  lora      LoRA: ΔW = (α/r)·B·A")
-    print("  rslora    rank-stabilised LoRA: ΔW = (α/√r)·B·A")
-    print("  vera      VeRA: ΔW = Λ_b·B_s·Λ_d·A_s, frozen shared random A_s, B_s; trains λ_d (A side), λ_b (B side)")
+        print(f"  {name:<{width}} {cls.description} [adapters: {', '.join(fitting_adapters(cls))}]")
+    for title, reg in (("adapters", ADAPTERS), ("datasets", DATASETS), ("runtimes", RUNTIMES)):
+        print(f"{title}:")
+        for name, plugin in reg.items():
+            print(f"  {name:<{width}} {plugin.description}")
     return 0
 
 
@@ -176,6 +186,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
+        if getattr(args, "plugins", None):  # before any config is read: a plugin may define what it names
+            from fedlora.registry import load_plugin
+
+            for path in args.plugins:
+                load_plugin(path)
         return {"run": _cmd_run, "methods": _cmd_methods, "config": _cmd_config, **COMMANDS}[args.command](args)
     except FedloraError as e:
         print(f"fedlora: error: {e}", file=sys.stderr)

@@ -16,7 +16,7 @@ SET_HELP = "override one key (repeatable), e.g. --set train.rounds=5"
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from fedlora.config import ADAPTER_KINDS
+    from fedlora.registry import ADAPTERS
 
     cmp = sub.add_parser("compare", help="run a grid of methods × adapters × seeds and tabulate it (resumable)")
     cmp.add_argument("config", nargs="?", help="TOML file (no CONFIG: the defaults); --set overrides keys")
@@ -24,12 +24,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      help=SET_HELP)
     cmp.add_argument("--methods", help="comma-separated methods (default: every registered method)")
     cmp.add_argument("--adapters", default=None,
-                     help=f"comma-separated adapters from {', '.join(ADAPTER_KINDS)} (default: the config's)")
+                     help=f"comma-separated adapters from {', '.join(ADAPTERS)} (default: the config's)")
     cmp.add_argument("--seeds", default="0", help="comma-separated seeds or a range like 0-2 (default: 0); a seed "
                                                   "sets data.seed, train.seed and adapter.seed")
     cmp.add_argument("--out", required=True, help="comparison directory; run it again to finish an interrupted grid")
     cmp.add_argument("--tensorboard", action="store_true", help="also log every run to <run dir>/tensorboard")
     cmp.add_argument("--quiet", action="store_true", help="no progress bar")
+    from fedlora.cli import add_plugin_option
+
+    add_plugin_option(cmp)
 
     rep = sub.add_parser("report", help="rebuild results.csv/.md and the plots from finished run directories")
     rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or a compare directory")
@@ -112,7 +115,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     from fedlora.analyze import asymmetry
 
     summary = asymmetry(cfgmod.load(args.config, args.overrides), args.out, progress=not args.quiet)
-    a_name, b_name = ("λ_d", "λ_b") if summary["adapter"] == "vera" else ("A", "B")
+    from fedlora.registry import ADAPTERS
+
+    a_name, b_name = ADAPTERS.lookup(summary["adapter"]).side_names
     print(f"mean pairwise cosine similarity over {summary['layers']} layers and {summary['num_clients']} clients:")
     print(f"  learned:       {a_name} {summary['a_similarity']:.3f}   {b_name} {summary['b_similarity']:.3f}")
     print(f"  change (−init): {a_name} {summary['a_change_similarity']:.3f}   "

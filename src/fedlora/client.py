@@ -178,8 +178,9 @@ class ClientNode:
     def fit(self, round_: int) -> tuple[Upload, TrainResult]:
         from fedlora.methods import Upload
 
-        start = self.method.upload(self.state)  # what the round starts from: the reference of its update
-        result = self.trainer.train(self.state, self.data, round_, frozen=self.method.frozen_keys(), adapter=self.adapter)
+        plan = self.method.plan(round_)
+        start = self.method.upload(self.state, round_)  # what the round starts from: the reference of its update
+        result = self.trainer.train(self.state, self.data, round_, frozen=plan.frozen, adapter=self.adapter)
         bad = [k for k, v in result.state.items() if not bool(torch.isfinite(v).all())]
         if bad or not np.isfinite(result.loss):
             # Keep the state from before this round: nothing non-finite may enter a client's adapter.
@@ -187,7 +188,7 @@ class ClientNode:
         self.state = result.state
         meta = {"train_loss": result.loss, "fingerprint": self.fingerprint}
         # privatize: the identity, or a privacy wrapper's clipping and noise (fedlora.privacy)
-        payload = self.method.privatize(self.method.upload(self.state), start, round_, self.data.client_id)
+        payload = self.method.privatize(self.method.upload(self.state, round_), start, round_, self.data.client_id)
         return Upload(self.data.client_id, payload, result.num_examples, meta), result
 
     def evaluate(self) -> dict[str, float]:

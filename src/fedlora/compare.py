@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from fedlora import config as cfgmod
-from fedlora.config import ADAPTER_KINDS, Config
+from fedlora.config import Config
+from fedlora.registry import ADAPTERS
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.storage import atomic_write, check_output_dir
 
@@ -78,18 +79,13 @@ def plan(base: Config, methods: Sequence[str], adapters: Sequence[str], seeds: S
     if unknown:
         raise ConfigError(f"--methods: {', '.join(map(repr, unknown))} not available in this version; "
                           f"available: {', '.join(METHODS)}")
-    bad = [a for a in adapters if a not in ADAPTER_KINDS]
+    bad = [a for a in adapters if a not in ADAPTERS]
     if bad:
-        raise ConfigError(f"--adapters: {', '.join(map(repr, bad))} unknown; choose from: {', '.join(ADAPTER_KINDS)}")
+        raise ConfigError(f"--adapters: {', '.join(map(repr, bad))} unknown; choose from: {', '.join(ADAPTERS)}")
     cells = []
     for method in methods:
-        supported = METHODS[method].adapters
         for adapter in adapters:
             for seed in seeds:
-                if adapter not in supported:
-                    cells.append(Cell(method, adapter, seed, None,
-                                      f"{method} does not support {adapter} (it supports: {', '.join(supported)})"))
-                    continue
                 raw = {"method": {"name": method}, "adapter": {"kind": adapter}}
                 for section, values in seed_overrides(seed).items():
                     raw.setdefault(section, {}).update(values)

@@ -19,17 +19,11 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedlora import registry
 from fedlora.errors import ConfigError
 
-# Names known to the registries; the registries check at import time that they agree with these lists.
 MODEL_NAMES = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
 CAUSAL_MODEL_NAMES = ("smollm2", "tiny-llama")
-ADAPTER_KINDS = ("lora", "rslora", "vera")
-METHOD_NAMES = ("fedit", "ffa", "fedsa", "flora-na", "fedex", "flora")
-DATASETS = ("rotten-tomatoes", "bbc-news", "rotten-tomatoes-gen", "bbc-news-gen", "math-word", "python-functions",
-            "csv", "jsonl")
-# instruction data for causal LMs (math-word and python-functions: docs/generation.md)
-GENERATION_DATASETS = ("rotten-tomatoes-gen", "bbc-news-gen", "math-word", "python-functions")
 TASKS = ("auto", "classification", "generation")
 PARTITIONS = ("iid", "dirichlet", "pathological")
 
@@ -50,27 +44,34 @@ def _opt(default: Any, help: str, **rules: Any) -> Any:
     return field(default=default, metadata={"help": help, **rules})
 
 
+def _check_value(key: str, value: Any, rules: Mapping[str, Any]) -> None:
+    """Check one value against its rules: ``choices`` (a tuple, or a registry whose names are the choices), and the
+    bounds ``ge``, ``gt``, ``le``, ``lt`` for every number in it; numbers must be finite."""
+    if value is None:
+        return
+    choices = rules.get("choices")
+    if isinstance(choices, registry.Registry):
+        choices = choices.names()
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
+    items = value if isinstance(value, tuple) else (value,)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            continue
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{key} = {value!r} is not a finite number")
+        for rule, ok, word in (("ge", item >= rules.get("ge", item), ">="),
+                               ("gt", "gt" not in rules or item > rules["gt"], ">"),
+                               ("le", item <= rules.get("le", item), "<="),
+                               ("lt", "lt" not in rules or item < rules["lt"], "<")):
+            if not ok:
+                raise ConfigError(f"{key} = {value!r} is out of range; it must be {word} {rules[rule]}")
+
+
 def _check_rules(section: str, obj: Any) -> None:
     for f in fields(obj):
-        value = getattr(obj, f.name)
-        key = f"{section}.{f.name}"
-        if value is None:
-            continue
-        choices = f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{key} = {value!r} is not allowed; choose one of: {', '.join(map(str, choices))}")
-        items = value if isinstance(value, tuple) else (value,)
-        for item in items:
-            if isinstance(item, bool) or not isinstance(item, (int, float)):
-                continue
-            if isinstance(item, float) and not math.isfinite(item):
-                raise ConfigError(f"{key} = {value!r} is not a finite number")
-            for rule, ok, word in (("ge", item >= f.metadata.get("ge", item), ">="),
-                                   ("gt", "gt" not in f.metadata or item > f.metadata["gt"], ">"),
-                                   ("le", item <= f.metadata.get("le", item), "<="),
-                                   ("lt", "lt" not in f.metadata or item < f.metadata["lt"], "<")):
-                if not ok:
-                    raise ConfigError(f"{key} = {value!r} is out of range; it must be {word} {f.metadata[rule]}")
+        if f.name != "extra":
+            _check_value(f"{section}.{f.name}", getattr(obj, f.name), f.metadata)
 
 
 class _Section:
@@ -80,6 +81,31 @@ class _Section:
 
     def __post_init__(self) -> None:
         _check_rules(self.SECTION, self)
+
+
+# Sections whose chosen plugin may declare options of its own (fedlora.registry.Option), kept in the section's
+# ``extra`` field and read as attributes (``config.method.na_estimator``).
+PLUGIN_SECTIONS: dict[str, registry.Registry[Any]] = {"method": registry.METHODS, "adapter": registry.ADAPTERS}
+
+
+class _PluginOptions(_Section):
+    """Mixin of a section whose plugins declare options: ``section.<option>`` reads the value given in the config
+    (``extra``), else the option's declared default."""
+
+    def __getattr__(self, name: str) -> Any:  # only reached when the normal attribute lookup fails
+        if name.startswith("_") or name == "extra":
+            raise AttributeError(name)
+        extra = dict(object.__getattribute__(self, "extra"))
+        if name in extra:
+            return extra[name]
+        options = PLUGIN_SECTIONS[self.SECTION].options()
+        if name in options:
+            return options[name][0].default
+        raise AttributeError(f"[{self.SECTION}] has no key or plugin option {name!r}")
+
+
+def _extra_field() -> Any:
+    return field(default=(), metadata={"help": "options declared by plugins (fedlora.registry.Option)"})
 
 
 @dataclass(frozen=True)
@@ -112,17 +138,18 @@ class ModelConfig(_Section):
 
 
 @dataclass(frozen=True)
-class AdapterConfig(_Section):
+class AdapterConfig(_PluginOptions):
     SECTION = "adapter"
-    kind: str = _opt("lora", "adapter family", choices=ADAPTER_KINDS)
+    kind: str = _opt("lora", "adapter family", choices=registry.ADAPTERS)
     rank: int | tuple[int, ...] = _opt(8, "rank r of every client's adapter, or one rank per client "
                                                  "(method flora only)", ge=1)
-    alpha: float = _opt(16.0, "LoRA alpha: scaling s = alpha/r (lora) or alpha/sqrt(r) (rslora); unused by vera", gt=0)
+    alpha: float = _opt(16.0, "LoRA alpha: scaling s = alpha/r (lora, dora) or alpha/sqrt(r) (rslora); unused by vera",
+                        gt=0)
     dropout: float = _opt(0.0, "dropout on the adapter input", ge=0.0, lt=1.0)
     targets: tuple[str, ...] | None = _opt(None, "names of the linear modules to adapt (unset: query, value for "
                                                  "encoders; q_proj, v_proj for causal LMs)")
     seed: int = _opt(0, "seed of the adapter initialisation shared by every client (and of VeRA's projections)")
-    vera_d_initial: float = _opt(0.1, "initial value of VeRA's lambda_d", gt=0)
+    extra: tuple[tuple[str, Any], ...] = _extra_field()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -139,21 +166,19 @@ class AdapterConfig(_Section):
 
 
 @dataclass(frozen=True)
-class MethodConfig(_Section):
+class MethodConfig(_PluginOptions):
     SECTION = "method"
-    name: str = _opt("fedsa", "aggregation method", choices=METHOD_NAMES)
+    name: str = _opt("fedsa", "aggregation method", choices=registry.METHODS)
     share_head: bool | None = _opt(None, "share the classification head (unset: the method's documented default)")
     weighting: str = _opt("samples", "client weights p_u", choices=("samples", "uniform"))
-    na_estimator: str = _opt("svd", "flora-na: 'svd' (exact rank-r optimum), 'paper' (the authors' code: 2N "
-                             "scalars shared by all layers) or 'layer-mix' (2N scalars per layer)",
-                             choices=("svd", "paper", "layer-mix"))
-    na_split: str = _opt("balanced", "flora-na: how B^A^ is split into two factors", choices=("balanced", "fedit-scale"))
+    extra: tuple[tuple[str, Any], ...] = _extra_field()
 
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
     SECTION = "data"
-    dataset: str = _opt("rotten-tomatoes", "bundled dataset or a user file", choices=DATASETS)
+    dataset: str = _opt("rotten-tomatoes", "bundled dataset or a user file (fedlora methods lists them)",
+                        choices=registry.DATASETS)
     path: str = _opt("", "file for dataset = csv or jsonl")
     text_column: str = _opt("text", "column with the input text (csv, jsonl)")
     label_column: str = _opt("label", "column with the label (csv, jsonl); strings are allowed")
@@ -176,24 +201,26 @@ class DataConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.dataset == "python-functions" and self.path:
-            raise ConfigError(f"data.dataset = 'python-functions' reads the standard library, not data.path = "
-                              f"{self.path!r}; unset data.path")
+        source = registry.DATASETS.lookup(self.dataset)
+        if source.path == "no" and self.path:
+            raise ConfigError(f"data.dataset = {self.dataset!r} does not read data.path = {self.path!r}; unset "
+                              "data.path")
         if self.text_column == self.label_column:
             raise ConfigError(f"data.text_column and data.label_column are both {self.text_column!r}; the label "
                               "must come from another column than the text")
         if bool(self.prompt_column) != bool(self.response_column):
             raise ConfigError(f"data.prompt_column = {self.prompt_column!r} and data.response_column = "
                               f"{self.response_column!r}: set both or neither")
-        if self.task == "classification" and self.dataset in ("math-word", "python-functions"):
-            raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task; data.task = 'classification' "
-                              "does not fit it")
-        if self.task == "classification" and self.dataset in GENERATION_DATASETS:
-            raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task but data.task = 'classification'; "
-                              f"use data.dataset = {self.dataset.removesuffix('-gen')!r} for classification")
-        if self.task == "generation" and self.dataset in ("rotten-tomatoes", "bbc-news"):
-            raise ConfigError(f"data.task = 'generation' needs instruction data; use data.dataset = "
-                              f"{self.dataset + '-gen'!r}")
+        if self.task == "classification" and source.task == "generation":
+            hint = (f"; use data.dataset = {source.classification_twin!r} for classification"
+                    if source.classification_twin else "")
+            raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task but data.task = "
+                              f"'classification'{hint}")
+        if self.task == "generation" and source.task == "classification":
+            twins = [n for n, s in registry.DATASETS.items() if s.classification_twin == self.dataset]
+            hint = f"; use data.dataset = {twins[0]!r}" if twins else ""
+            raise ConfigError(f"data.task = 'generation' needs instruction data, and data.dataset = {self.dataset!r} "
+                              f"is labelled text{hint}")
 
 
 @dataclass(frozen=True)
@@ -231,7 +258,7 @@ class TrainConfig(_Section):
 @dataclass(frozen=True)
 class RuntimeConfig(_Section):
     SECTION = "runtime"
-    kind: str = _opt("simulation", "embedded single-process simulation or Flower deployment", choices=("simulation", "flower"))
+    kind: str = _opt("simulation", "where the clients run (fedlora methods lists the runtimes)", choices=registry.RUNTIMES)
 
 
 @dataclass(frozen=True)
@@ -282,9 +309,6 @@ class PrivacyConfig(_Section):
         return self.dp != "off" or self.dp_sgd or self.secure_aggregation
 
 
-DEFAULT_LR = {"lora": 3e-3, "rslora": 3e-3, "vera": 1e-2}
-
-
 @dataclass(frozen=True)
 class Config:
     """A whole experiment. ``Config()`` is the default demo."""
@@ -303,20 +327,15 @@ class Config:
         if isinstance(a.rank, tuple):
             # Per-client ranks: FLoRA stacks factors of any rank; the rules that average or combine factors
             # elementwise need one shape everywhere.
-            if m.name != "flora":
-                raise ConfigError(f"adapter.rank = {list(a.rank)}: per-client ranks need method.name = 'flora' "
-                                  f"(stacking); {m.name!r} averages factors, which needs one rank: give one integer")
             if len(a.rank) != d.num_clients:
                 raise ConfigError(f"adapter.rank has {len(a.rank)} entries but data.num_clients = {d.num_clients}; "
                                   "give one rank per client, or one integer for all")
-        if a.kind == "vera" and m.name in ("flora-na", "flora"):
-            raise ConfigError(f"method.name = {m.name!r} needs low-rank factors B, A to combine, and adapter.kind = "
-                              "'vera' has none (only the vectors lambda_b, lambda_d); use lora or rslora")
+        registry.check_compatible(self)  # the one compatibility rule: what each chosen plugin needs is provided
         if t.clients_per_round > d.num_clients:
             raise ConfigError(f"train.clients_per_round = {t.clients_per_round} exceeds data.num_clients = {d.num_clients}")
         if t.min_clients > self.clients_per_round:
             raise ConfigError(f"train.min_clients = {t.min_clients} exceeds the clients per round ({self.clients_per_round})")
-        if d.dataset in ("csv", "jsonl") and not d.path:
+        if registry.DATASETS.lookup(d.dataset).path == "required" and not d.path:
             raise ConfigError(f"data.dataset = {d.dataset!r} needs data.path (the file to read)")
         if self.faults.straggler > 0 and t.round_timeout <= 0:
             raise ConfigError("faults.straggler > 0 needs train.round_timeout > 0 (the deadline a straggler misses)")
@@ -332,7 +351,8 @@ class Config:
         """The same experiment with every 'unset: default' key filled in, as written to a run's config.toml."""
         from fedlora.methods import get_method  # late import: methods depend on config
 
-        lr = self.train.lr if self.train.lr is not None else DEFAULT_LR[self.adapter.kind]
+        kind = registry.ADAPTERS.lookup(self.adapter.kind)
+        lr = self.train.lr if self.train.lr is not None else float(kind.default_lr)
         share = self.method.share_head
         if share is None:
             share = get_method(self.method.name).default_share_head
@@ -341,25 +361,29 @@ class Config:
             targets = ("q_proj", "v_proj") if task == "generation" else ("query", "value")
         from fedlora.privacy.checks import resolve_privacy  # calibrates the noise for privacy.target_epsilon
 
-        return replace(self, train=replace(self.train, lr=lr), method=replace(self.method, share_head=share),
-                       data=replace(self.data, task=task), adapter=replace(self.adapter, targets=targets),
-                       privacy=resolve_privacy(self))
+        # The chosen plugins' options are written out with their values (defaults included), so that config.toml
+        # says everything the run used; options of plugins not chosen are kept as given.
+        method = replace(self.method, share_head=share, extra=_with_defaults(self.method.extra,
+                                                                             get_method(self.method.name).options))
+        adapter = replace(self.adapter, targets=targets, extra=_with_defaults(self.adapter.extra, kind.options))
+        return replace(self, train=replace(self.train, lr=lr), method=method, data=replace(self.data, task=task),
+                       adapter=adapter, privacy=resolve_privacy(self))
 
     def _resolve_task(self) -> str:
-        """data.task = auto: generation for the -gen datasets and for csv/jsonl on a causal LM; checked against
-        the model family (a causal LM has no classification head, an encoder cannot generate)."""
+        """data.task = auto: the dataset's own task, or for a user file (task 'either') generation on a causal LM;
+        checked against the model family (a causal LM has no classification head, an encoder cannot generate)."""
         d, causal = self.data, self.model.causal
+        source = registry.DATASETS.lookup(d.dataset)
         task = d.task
         if task == "auto":
-            task = "generation" if d.dataset in GENERATION_DATASETS or (d.dataset in ("csv", "jsonl") and causal) \
-                else "classification"
+            task = source.task if source.task != "either" else ("generation" if causal else "classification")
         if task == "generation" and not causal:
             raise ConfigError(f"data.dataset = {d.dataset!r} is a generation task, which needs a causal language model; "
                               f"model.name = {self.model.name!r} is an encoder; use smollm2, tiny-llama or a local "
                               "causal LM directory")
         if task == "classification" and causal:
-            hint = f"use data.dataset = {d.dataset + '-gen'!r}" if d.dataset in ("rotten-tomatoes", "bbc-news") \
-                else "use data.task = 'generation' with instruction data"
+            twins = [n for n, s in registry.DATASETS.items() if s.classification_twin == d.dataset]
+            hint = f"use data.dataset = {twins[0]!r}" if twins else "use data.task = 'generation' with instruction data"
             raise ConfigError(f"model.name = {self.model.name!r} is a causal language model, which needs a generation "
                               f"task; {hint}")
         return task
@@ -368,9 +392,18 @@ class Config:
         out: dict[str, dict[str, Any]] = {}
         for f in fields(self):
             section = getattr(self, f.name)
-            out[f.name] = {k: (list(v) if isinstance(v, tuple) else v)
-                           for k, v in dataclasses.asdict(section).items() if v is not None}
+            values = dataclasses.asdict(section)
+            values.update(dict(values.pop("extra", ())))  # plugin options sit beside the section's own keys
+            out[f.name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in values.items() if v is not None}
         return out
+
+
+def _with_defaults(extra: tuple[tuple[str, Any], ...], options: Any) -> tuple[tuple[str, Any], ...]:
+    """``extra`` with every one of ``options`` that it lacks set to its declared default."""
+    values = dict(extra)
+    for opt in options:
+        values.setdefault(opt.key, opt.default)
+    return tuple(sorted(values.items()))
 
 
 SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
@@ -438,14 +471,35 @@ def from_dict(raw: Mapping[str, Any], base: Config | None = None) -> Config:
             raise ConfigError(f"[{name}] must be a table of keys, got {values!r}")
         cls = SECTIONS[name]
         hints = typing.get_type_hints(cls)
-        known = [f.name for f in fields(cls)]
-        changes = {}
+        known = [f.name for f in fields(cls) if f.name != "extra"]
+        options = PLUGIN_SECTIONS[name].options() if name in PLUGIN_SECTIONS else {}
+        changes: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         for key, value in values.items():
-            if key not in known:
-                raise ConfigError(f"unknown key {name}.{key}{_closest(key, known)}; keys of [{name}] are: {', '.join(known)}")
-            changes[key] = _coerce(f"{name}.{key}", value, hints[key])
+            if key in known:
+                changes[key] = _coerce(f"{name}.{key}", value, hints[key])
+            elif key in options:
+                opt, _ = options[key]
+                extra[key] = _coerce_option(f"{name}.{key}", value, opt)
+            else:
+                every = known + sorted(options)
+                raise ConfigError(f"unknown key {name}.{key}{_closest(key, every)}; keys of [{name}] are: "
+                                  f"{', '.join(every)}")
+        if extra:
+            changes["extra"] = tuple(sorted({**dict(getattr(base, name).extra), **extra}.items()))
         sections[name] = replace(getattr(base, name), **changes)
     return replace(base, **sections)
+
+
+def _coerce_option(key: str, value: Any, opt: registry.Option) -> Any:
+    """A plugin option's value, of its default's type (any plain value when the default is None), checked."""
+    hint = type(opt.default) if opt.default is not None else None
+    if hint in (bool, int, float, str):
+        value = _coerce(key, value, hint)
+    elif isinstance(value, list):
+        value = tuple(value)
+    _check_value(key, value, opt.rules())
+    return value
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -499,5 +553,9 @@ def describe() -> list[tuple[str, str, str]]:
     rows = []
     for name, cls in SECTIONS.items():
         for f in fields(cls):
-            rows.append((f"{name}.{f.name}", repr(f.default), f.metadata.get("help", "")))
+            if f.name != "extra":
+                rows.append((f"{name}.{f.name}", repr(f.default), f.metadata.get("help", "")))
+        if name in PLUGIN_SECTIONS:  # options declared by plugins, with the plugins that declare them
+            for key, (opt, owners) in PLUGIN_SECTIONS[name].options().items():
+                rows.append((f"{name}.{key}", repr(opt.default), f"{opt.help} [{', '.join(owners)}]"))
     return rows

@@ -94,12 +94,7 @@ def build(config: Config) -> Experiment:
     dtype = models.resolve_dtype(config.train.dtype, device)
     config = replace(config, train=replace(config.train, dtype=dtype, attention=models.resolve_attention(
         config.train.attention, device, dtype)))
-    method_cls = get_method(config.method.name)
-    if config.adapter.kind not in method_cls.adapters:
-        from fedlora.errors import ConfigError
-
-        raise ConfigError(f"method.name = {config.method.name!r} does not support adapter.kind = "
-                          f"{config.adapter.kind!r}; it supports: {', '.join(method_cls.adapters)}")
+    method_cls = get_method(config.method.name)  # what fits was decided at config time (registry.check_compatible)
 
     dataset: TextDataset | InstructionDataset
     task: ClassificationTask | GenerationTask

@@ -268,7 +268,7 @@ def ideal_update(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -
 
 def fedit(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> tuple[Tensor, Tensor]:
     """FedIT: (B̄, Ā), the weighted means of each factor. Requires equal ranks."""
-    layer = _validate(Bs, As, weights, equal_ranks_for="fedit")
+    layer = _validate(Bs, As, weights, equal_ranks_for="functional.fedit")
     return _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
 
 
@@ -480,7 +480,7 @@ def fedex_residual_factors(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: 
     3 clients. With one client (or only one of positive weight) the residual is zero and P, Q have no columns.
     Clients of weight 0 contribute nothing and are skipped. Requires equal ranks.
     """
-    layer = _validate(Bs, As, weights, equal_ranks_for="fedex")
+    layer = _validate(Bs, As, weights, equal_ranks_for="functional.fedex")
     B_bar, A_bar = _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
     live = [u for u, pu in enumerate(layer.p) if pu > 0]
     m = max(live, key=lambda u: layer.p[u])  # the first of the largest weights (max keeps the first)

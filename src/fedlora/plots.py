@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from fedlora.config import METHOD_NAMES
+from fedlora.registry import METHODS
 
 if TYPE_CHECKING:
     from fedlora.results import Group
@@ -54,7 +54,8 @@ def _colour(method: str) -> Any:
     import matplotlib
 
     palette = matplotlib.colormaps["tab10"].colors
-    i = METHOD_NAMES.index(method) if method in METHOD_NAMES else len(METHOD_NAMES) + sum(map(ord, method))
+    names = METHODS.names()
+    i = names.index(method) if method in names else len(names) + sum(map(ord, method))
     return palette[i % len(palette)]
 
 
@@ -92,7 +93,7 @@ def _plot(groups: Sequence[Group], path: Path, x_of: str, xlabel: str, title: st
                 x = c.rounds if x_of == "round" else c.mib
                 xs_all.append(x)
                 # Later methods are drawn thinner, so that identical curves still show every colour.
-                width = 3.0 - 0.3 * (METHOD_NAMES.index(g.label[0]) if g.label[0] in METHOD_NAMES else 5)
+                width = 3.0 - 0.3 * (METHODS.names().index(g.label[0]) if g.label[0] in METHODS else 5)
                 ax.plot(x, 100 * c.personal, "-o", color=colour, lw=width, ms=3.5)
                 ax.fill_between(x, 100 * (c.personal - c.personal_std), 100 * (c.personal + c.personal_std),
                                 color=colour, alpha=0.12, lw=0)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from fedlora.config import ADAPTER_KINDS, METHOD_NAMES
+from fedlora.registry import ADAPTERS, METHODS
 from fedlora.errors import FedloraError
 from fedlora.storage import atomic_write, check_output_dir
 
@@ -214,8 +214,8 @@ class Group:
 
     def sort_key(self) -> tuple[Any, ...]:
         method, adapter, dataset, partition, clients = self.label
-        return (dataset, partition, clients, _order(method, METHOD_NAMES), method,
-                _order(adapter, ADAPTER_KINDS), adapter, self.config_note)
+        return (dataset, partition, clients, _order(method, METHODS.names()), method,
+                _order(adapter, ADAPTERS.names()), adapter, self.config_note)
 
 
 def _differences(groups: Sequence[Group]) -> list[str]:
@@ -276,7 +276,7 @@ def runs_csv(runs: Sequence[RunResult]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow([*RUN_COLUMNS, *(stem for stem, _, _ in METRICS), "path"])
-    for r in sorted(runs, key=lambda r: (r.setting(), _order(r.method, METHOD_NAMES), _order(r.adapter, ADAPTER_KINDS),
+    for r in sorted(runs, key=lambda r: (r.setting(), _order(r.method, METHODS.names()), _order(r.adapter, ADAPTERS.names()),
                                          r.seed)):
         m = run_metrics(r)
         w.writerow([r.path.name, r.method, r.adapter, r.seed, *r.setting(),

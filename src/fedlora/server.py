@@ -15,6 +15,7 @@ import torch
 from fedlora.adapters import State
 from fedlora.errors import RoundFailed, UpdateRejected
 from fedlora.methods import Broadcast, Method, Upload
+from fedlora.threads import limited_threads
 
 
 class Server:
@@ -38,8 +39,6 @@ class Server:
         self.history: list[Broadcast] = []
         self.first = 1
         self.client_version = [0] * num_clients
-        expected = method.shared_keys()
-        self._reference = {k: self.global_state[k] for k in expected}
         # Per-client ranks: each client's uploads are checked against the state a client of its rank starts
         # the round from (the initial state of its PEFT adapter with every broadcast applied), not the global
         # adapter's shapes. ``rank_states`` holds those states for every adapter but "default".
@@ -80,27 +79,25 @@ class Server:
             self.first += drop
 
     # ---- validation ----------------------------------------------------------------------------------
-    def reference(self, client: int) -> Mapping[str, torch.Tensor]:
-        """The shared tensors ``client`` starts a round from (shapes of its rank): what its upload is checked
-        against."""
+    def reference(self, client: int, round_: int) -> Mapping[str, torch.Tensor]:
+        """The tensors ``client`` uploads in round ``round_`` (the method's plan for that round), as it started the
+        round (shapes of its rank): what its upload is checked against."""
         adapter = self.client_adapters[client] if 0 <= client < self.num_clients else "default"
-        if adapter == "default":
-            return self._reference
-        state = self.rank_states[adapter]
-        return {k: state[k] for k in self._reference}
+        state = self.global_state if adapter == "default" else self.rank_states[adapter]
+        return {k: state[k] for k in self.method.plan(round_).upload}
 
-    def validate(self, upload: Upload) -> None:
-        """Raise :class:`UpdateRejected` unless the upload has exactly the shared keys, the reference shapes
-        (of the client's rank) and dtypes, only finite values, a positive example count and the expected VeRA
-        projections."""
+    def validate(self, upload: Upload, round_: int) -> None:
+        """Raise :class:`UpdateRejected` unless the upload has exactly the keys of the round's plan, the reference
+        shapes (of the client's rank) and dtypes, only finite values, a positive example count and the expected
+        VeRA projections."""
         if not (isinstance(upload.client, int) and 0 <= upload.client < self.num_clients):
             raise UpdateRejected(upload.client, f"client id {upload.client!r} is not one of 0..{self.num_clients - 1}")
-        reference = self.reference(upload.client)
+        reference = self.reference(upload.client, round_)
         keys = set(upload.payload)
         expected = set(reference)
         if keys != expected:
             missing, extra = sorted(expected - keys), sorted(keys - expected)
-            raise UpdateRejected(upload.client, f"keys differ from the shared keys (missing {missing[:3]}, "
+            raise UpdateRejected(upload.client, f"keys differ from round {round_}'s upload plan (missing {missing[:3]}, "
                                                 f"unexpected {extra[:3]})")
         if not (isinstance(upload.num_examples, int) and upload.num_examples > 0):
             raise UpdateRejected(upload.client, f"num_examples = {upload.num_examples!r} must be a positive integer")
@@ -118,13 +115,13 @@ class Server:
             raise UpdateRejected(upload.client, "VeRA projections differ from the server's (same adapter.seed "
                                                 "and model are required on every client)")
 
-    def screen(self, uploads: Sequence[Upload]) -> tuple[list[Upload], list[UpdateRejected]]:
+    def screen(self, uploads: Sequence[Upload], round_: int) -> tuple[list[Upload], list[UpdateRejected]]:
         """Round-level check after :meth:`validate`: with ``max_update_norm_ratio`` = c > 0, reject every update
         whose distance from the current global state exceeds c × the median distance of the round."""
         if self.max_update_norm_ratio <= 0 or len(uploads) < 3:  # a median of fewer than 3 protects nothing
             return list(uploads), []
         norms = [math.sqrt(sum(float((u.payload[k].double() - ref[k].double()).pow(2).sum()) for k in ref))
-                 for u in uploads for ref in [self.reference(u.client)]]
+                 for u in uploads for ref in [self.reference(u.client, round_)]]
         bound = self.max_update_norm_ratio * float(np.median(norms))
         kept, rejected = [], []
         for u, n in zip(uploads, norms):
@@ -140,12 +137,13 @@ class Server:
         """Aggregate validated uploads into a new broadcast, or raise :class:`RoundFailed` (nothing changes)."""
         if len(uploads) < self.min_clients:
             raise RoundFailed(f"{len(uploads)} valid update(s), fewer than train.min_clients = {self.min_clients}")
-        broadcast = replace(self.method.aggregate(uploads, self.global_state), version=self.version + 1)
+        with limited_threads():  # small per-layer maths: one thread degrades gracefully on busy cores (threads.py)
+            aggregated = self.method.aggregate(uploads, self.global_state)
+        broadcast = replace(aggregated, version=self.version + 1)
         bad = [k for k, v in broadcast.payload.items() if not bool(torch.isfinite(v).all())]
         if bad:
             raise RoundFailed(f"aggregation produced non-finite values in {bad[:3]}")
         self.global_state = self.method.apply(self.global_state, broadcast)
-        self._reference = {k: self.global_state[k] for k in self._reference}
         self.rank_states = {name: self.method.apply(state, broadcast) for name, state in self.rank_states.items()}
         self.history.append(broadcast)
         self.version += 1

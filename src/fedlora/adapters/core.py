@@ -1,4 +1,4 @@
-"""PEFT glue: build LoRA / rsLoRA / VeRA adapters, name each saved key's role, move adapter state in and out.
+"""PEFT glue shared by every adapter kind: attach an adapter, name each saved key's role, move state in and out.
 
 A client's state is a dict of tensors keyed by PEFT's *saved* names (the keys of adapter_model.safetensors,
 e.g. ``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight``). The saved name is a pure
@@ -9,71 +9,76 @@ wrapper. :func:`slots` maps each saved name to the live parameter so that swappi
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Any, Mapping
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, VeraConfig, get_peft_model, get_peft_model_state_dict
+from peft import PeftModel, TaskType, get_peft_model, get_peft_model_state_dict
 from torch import nn
 
+from fedlora.adapters.kind import AdapterKind, Role
 from fedlora.config import AdapterConfig
+from fedlora.errors import FedloraError
+from fedlora.registry import ADAPTERS
 
-Role = Literal["A", "B", "head"]
 State = dict[str, torch.Tensor]
 
-# Saved-name markers of each side. VeRA: lambda_d scales the rank-r side (A side), lambda_b the output side.
-_A_MARKERS = (".lora_A.", ".vera_lambda_d")
-_B_MARKERS = (".lora_B.", ".vera_lambda_b")
-_A_SUFFIXES = (".lora_A.weight", ".vera_lambda_d")
-_B_SUFFIXES = (".lora_B.weight", ".vera_lambda_b")
+# The task heads PEFT trains beside the adapter (its modules_to_save for sequence classification): the only
+# tensors no adapter kind claims that are allowed in a client's state.
+HEAD_MODULES = ("classifier", "score")
+
+
+class UnclaimedTensor(FedloraError):
+    """A saved adapter tensor that no registered adapter kind claims and that is not a task head."""
+
+
+def kind_of(cfg: AdapterConfig) -> AdapterKind:
+    """The registered adapter kind of an adapter section."""
+    kind: AdapterKind = ADAPTERS.lookup(cfg.kind)
+    return kind
 
 
 def role(key: str) -> Role:
-    """The role of a saved key: ``"A"`` (shared by FedSA), ``"B"`` (kept private by FedSA) or ``"head"``."""
-    if any(m in key or key.endswith(m) for m in _A_MARKERS):
-        return "A"
-    if any(m in key or key.endswith(m) for m in _B_MARKERS):
-        return "B"
-    return "head"
+    """The role of a saved key: ``"A"`` (shared by FedSA), ``"B"`` (kept private by FedSA), ``"M"`` (another
+    trainable of the adapter, e.g. DoRA's magnitude) as claimed by a registered kind, or ``"head"`` for the task
+    head. Any other key raises :class:`UnclaimedTensor` naming it (it is never silently taken for a head)."""
+    for _, kind in ADAPTERS.items():
+        claimed = kind.claims(key)
+        if claimed is not None:
+            return claimed
+    module = key.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
+    if module in HEAD_MODULES:
+        return "head"
+    raise UnclaimedTensor(f"adapter tensor {key!r} is claimed by no adapter kind ({', '.join(ADAPTERS)}) and is not "
+                          f"a task head ({', '.join(HEAD_MODULES)})")
 
 
 def layer_of(key: str) -> str:
-    """The adapted module a saved A/B key belongs to (the key without its LoRA/VeRA suffix)."""
-    for suffix in _A_SUFFIXES + _B_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)]
-    raise ValueError(f"{key!r} is not an A-side or B-side adapter key")
+    """The adapted module a saved adapter key belongs to (the key without its kind's suffix)."""
+    for _, kind in ADAPTERS.items():
+        layer = kind.layer_of(key)
+        if layer is not None:
+            return layer
+    raise ValueError(f"{key!r} is not an adapter key of any kind")
 
 
 def layer_pairs(keys: list[str] | tuple[str, ...]) -> dict[str, tuple[str, str]]:
     """``{layer: (A key, B key)}`` for every adapted layer among ``keys``; both sides must be present."""
     a = {layer_of(k): k for k in keys if role(k) == "A"}
-    b = {layer_of(k): k for k in keys if role(k) == "B"}
+    b = {layer_of(k): k for k in keys if role(k) == "B"}  # other trainables (DoRA's magnitude) are not factors
     if a.keys() != b.keys():
         raise ValueError(f"A and B keys do not pair up: {sorted(a.keys() ^ b.keys())}")
     return {layer: (a[layer], b[layer]) for layer in sorted(a)}
 
 
 def scaling(cfg: AdapterConfig, rank: int | None = None) -> float:
-    """s in ΔW = s·B·A: alpha/r for LoRA, alpha/sqrt(r) for rsLoRA (1 for VeRA, whose scale is in the lambdas)."""
-    r = rank if rank is not None else cfg.max_rank
-    if cfg.kind == "lora":
-        return cfg.alpha / r
-    if cfg.kind == "rslora":
-        return cfg.alpha / math.sqrt(r)
-    return 1.0
+    """s in ΔW = s·B·A of the section's kind (alpha/r for LoRA, alpha/sqrt(r) for rsLoRA, 1 for VeRA)."""
+    return kind_of(cfg).scaling(cfg, rank if rank is not None else cfg.max_rank)
 
 
-def peft_config(cfg: AdapterConfig, task_type: TaskType, rank: int | None = None) -> LoraConfig | VeraConfig:
+def peft_config(cfg: AdapterConfig, task_type: TaskType, rank: int | None = None) -> Any:
     """The PEFT config of an adapter section (``rank`` overrides a per-client list)."""
-    r = rank if rank is not None else cfg.max_rank
-    if cfg.kind == "vera":
-        # One projection seed for every client: the frozen A_s, B_s must be identical everywhere.
-        return VeraConfig(task_type=task_type, r=r, target_modules=list(cfg.targets), vera_dropout=cfg.dropout,
-                          projection_prng_key=cfg.seed, save_projection=True, d_initial=cfg.vera_d_initial)
-    return LoraConfig(task_type=task_type, r=r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.targets), use_rslora=cfg.kind == "rslora")
+    return kind_of(cfg).peft_config(cfg, task_type, rank if rank is not None else cfg.max_rank)
 
 
 def attach(model: nn.Module, cfg: AdapterConfig, task_type: TaskType, rank: int | None = None) -> PeftModel:
@@ -113,8 +118,13 @@ def add_rank_adapters(peft_model: PeftModel, cfg: AdapterConfig, task_type: Task
 
 def saved_name(param_name: str, adapter_name: str = "default") -> str:
     """PEFT's saved name of an in-model parameter name."""
-    return param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".").removesuffix(
+    name = param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".").removesuffix(
         f".{adapter_name}")
+    for _, kind in ADAPTERS.items():
+        for ending, saved in kind.saved_renames:
+            if name.endswith(ending):
+                return name[: -len(ending)] + saved
+    return name
 
 
 def slots(peft_model: PeftModel, adapter_name: str = "default") -> dict[str, nn.Parameter]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 from fedlora.config import Config
+from fedlora.registry import Option
 
 if TYPE_CHECKING:  # torch, peft and the maths load when a method first computes, not when it is listed
     import torch
@@ -32,6 +33,15 @@ class Upload:
         from fedlora.adapters import nbytes
 
         return nbytes(self.payload)
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What clients do in one round, as the method plans it: the adapter keys they do not train (``frozen``) and
+    the keys they upload (``upload``; the server validates every upload against exactly these)."""
+
+    frozen: tuple[str, ...]
+    upload: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -64,10 +74,15 @@ class Method(ABC):
     """Base class of an aggregation method. Subclasses set the class attributes and ``aggregate``."""
 
     name: ClassVar[str]
-    summary: ClassVar[str]
+    description: ClassVar[str]
+    # Capabilities (fedlora.registry.CAPABILITIES) the method needs from the adapter kind / provides to the run;
+    # fedlora.registry.check_compatible is the one rule that decides what fits.
+    needs: ClassVar[frozenset[str]] = frozenset()
+    provides: ClassVar[frozenset[str]] = frozenset()
+    # The method's own config keys in [method] (fedlora.registry.Option), e.g. flora-na's na_estimator.
+    options: ClassVar[tuple[Option, ...]] = ()
     default_share_head: ClassVar[bool] = True
     has_global_model: ClassVar[bool] = True
-    adapters: ClassVar[tuple[str, ...]] = ("lora", "rslora", "vera")
     # True when every broadcast must reach every client (base-weight updates accumulate); False when the
     # latest broadcast alone brings a lagging client up to date.
     cumulative: ClassVar[bool] = False
@@ -86,8 +101,9 @@ class Method(ABC):
 
     # ---- what is shared -------------------------------------------------------------------------------
     def adapter_keys(self) -> tuple[str, ...]:
-        """A-side and B-side keys the method uploads (the head is added by :meth:`shared_keys`)."""
-        return self.info.with_role("A", "B")
+        """Adapter keys the method uploads: A side, B side and other trainables such as DoRA's magnitude (the head
+        is added by :meth:`shared_keys`)."""
+        return self.info.with_role("A", "B", "M")
 
     def head_keys(self) -> tuple[str, ...]:
         """The classification head's keys, when the method shares the head (else none)."""
@@ -109,15 +125,21 @@ class Method(ABC):
         """Keys a client does not train (FFA-LoRA's A)."""
         return ()
 
+    def plan(self, round_: int) -> RoundPlan:
+        """Round ``round_``'s plan. The default is the same every round: train all but :meth:`frozen_keys`, upload
+        :meth:`shared_keys`. A method whose clients do something else each round (RoLoRA alternates the side it
+        trains and uploads) overrides this; the server, the clients and both runtimes follow the plan."""
+        return RoundPlan(frozen=self.frozen_keys(), upload=self.shared_keys())
+
     @property
     def global_model(self) -> bool:
         """Whether one global model exists to evaluate (needs a shared head when there is one)."""
         return self.has_global_model and (self.share_head or not self.info.with_role("head"))
 
     # ---- client side ----------------------------------------------------------------------------------
-    def upload(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors a client sends: exactly :meth:`shared_keys`, nothing private."""
-        return {k: state[k] for k in self.shared_keys()}
+    def upload(self, state: Mapping[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
+        """The tensors a client sends in round ``round_``: exactly the plan's upload keys, nothing private."""
+        return {k: state[k] for k in self.plan(round_).upload}
 
     def privatize(self, payload: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor], round_: int,
                   client: int) -> dict[str, torch.Tensor]:

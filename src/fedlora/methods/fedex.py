@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 
 class FedExLoRA(Method):
     name = "fedex"
-    summary = "FedEx-LoRA (Singhal et al. 2025): FedAvg of A, B plus the exact residual folded into W0"
+    description = "FedEx-LoRA (Singhal et al. 2025): FedAvg of A, B plus the exact residual folded into W0"
     default_share_head = True
     has_global_model = True
-    adapters = ("lora", "rslora")
+    needs = frozenset({"factors", "magnitude-free"})  # the residual is Σ p_u B_u A_u − B̄Ā
     cumulative = True  # every residual must reach every client
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:

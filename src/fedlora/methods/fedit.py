@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 class FedIT(Method):
     name = "fedit"
-    summary = "FedAvg of A and B separately (Zhang et al. 2024); global model W0 + s·B̄Ā, inexact"
+    description = "FedAvg of A and B separately (Zhang et al. 2024); global model W0 + s·B̄Ā, inexact"
     default_share_head = True
     has_global_model = True
     sum_only = True  # the broadcast is the weighted mean of the uploads

@@ -17,13 +17,13 @@ if TYPE_CHECKING:
 
 class FedSALoRA(Method):
     name = "fedsa"
-    summary = "FedSA-LoRA (Guo et al. 2025): share and average A only, keep B and the head private"
+    description = "FedSA-LoRA (Guo et al. 2025): share and average A only, keep B and the head private"
     default_share_head = False
     has_global_model = False
     sum_only = True  # the broadcast is the weighted mean of the uploads
 
     def adapter_keys(self) -> tuple[str, ...]:
-        return self.info.with_role("A")
+        return self.info.with_role("A")  # B, DoRA's magnitude (fedlora.adapters.dora says why) and the head stay
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         return Broadcast(payload=self.average(uploads, self.shared_keys()))

@@ -16,13 +16,13 @@ if TYPE_CHECKING:
 
 class FFALoRA(Method):
     name = "ffa"
-    summary = "FFA-LoRA (Sun et al. 2024): A frozen at a shared random init, only B trained and averaged"
+    description = "FFA-LoRA (Sun et al. 2024): A frozen at a shared random init, only B trained and averaged"
     default_share_head = True
     has_global_model = True
     sum_only = True  # the broadcast is the weighted mean of the uploads
 
     def adapter_keys(self) -> tuple[str, ...]:
-        return self.info.with_role("B")
+        return self.info.with_role("B", "M")  # DoRA's magnitude is trained and averaged with B
 
     def frozen_keys(self) -> tuple[str, ...]:
         return self.info.with_role("A")

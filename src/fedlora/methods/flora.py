@@ -23,10 +23,11 @@ if TYPE_CHECKING:
 
 class FLoRA(Method):
     name = "flora"
-    summary = "FLoRA (Wang et al. 2024): stack A, B exactly, merge into W0, fresh adapter each round"
+    description = "FLoRA (Wang et al. 2024): stack A, B exactly, merge into W0, fresh adapter each round"
     default_share_head = True
     has_global_model = True
-    adapters = ("lora", "rslora")
+    needs = frozenset({"factors", "magnitude-free"})  # stacked factors are merged into W0 as s·B·A
+    provides = frozenset({"per-client-ranks"})  # stacking works for factors of any rank
     cumulative = True  # every merge must reach every client
 
     def rescaled(self, uploads: Sequence[Upload]) -> list[Upload]:

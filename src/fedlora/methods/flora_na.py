@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Broadcast, Method, Upload
+from fedlora.registry import Option
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +27,16 @@ if TYPE_CHECKING:
 
 class FLoRANA(Method):
     name = "flora-na"
-    summary = "FLoRA-NA (Nguyen et al. 2025): server sends B̂, Â, the rank-r optimum of Σ p_u B_u A_u"
+    description = "FLoRA-NA (Nguyen et al. 2025): server sends B̂, Â, the rank-r optimum of Σ p_u B_u A_u"
     default_share_head = True
     has_global_model = True
-    adapters = ("lora", "rslora")
+    needs = frozenset({"factors", "magnitude-free"})  # the product B·A is what is estimated
+    options = (
+        Option("na_estimator", "svd", "flora-na: 'svd' (exact rank-r optimum), 'paper' (the authors' code: 2N scalars "
+               "shared by all layers) or 'layer-mix' (2N scalars per layer)", choices=("svd", "paper", "layer-mix")),
+        Option("na_split", "balanced", "flora-na: how B^A^ is split into two factors",
+               choices=("balanced", "fedit-scale")),
+    )
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         from fedlora import functional as F

@@ -41,10 +41,13 @@ def check_config(config: Config) -> None:
             raise ConfigError("privacy.secure_aggregation = true needs runtime.kind = 'flower': the embedded runtime "
                               "holds every client in one process, so there is no one to hide an upload from, and it "
                               "does not pretend to (refused rather than simulated)")
-    if p.dp_sgd and config.adapter.kind == "vera":
-        raise ConfigError("privacy.dp_sgd = true needs per-example gradients, which Opacus computes for nn.Linear "
-                          "layers (LoRA's A and B, heads) but not for VeRA's scaling vectors; use adapter.kind = "
-                          "'lora' or 'rslora'")
+    if p.dp_sgd:
+        from fedlora.registry import ADAPTERS, CAPABILITIES
+
+        if "per-example-gradients" not in ADAPTERS.lookup(config.adapter.kind).provides:
+            able = [n for n, k in ADAPTERS.items() if "per-example-gradients" in k.provides]
+            raise ConfigError(f"privacy.dp_sgd = true needs {CAPABILITIES['per-example-gradients']}, which "
+                              f"adapter.kind = {config.adapter.kind!r} does not provide; use one of: {', '.join(able)}")
     if p.dp_sgd and config.train.dtype == "bfloat16":
         raise ConfigError("privacy.dp_sgd = true needs train.dtype = 'float32' (per-example gradients and their "
                           "clipping in bf16 would be too coarse); set train.dtype = 'float32'")

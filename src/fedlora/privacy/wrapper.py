@@ -22,7 +22,7 @@ import secrets
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
-from fedlora.methods.base import Broadcast, Method, Upload
+from fedlora.methods.base import Broadcast, Method, RoundPlan, Upload
 from fedlora.privacy import accounting
 from fedlora.privacy.mechanism import digest, gaussian, generator, privatize_update
 
@@ -79,8 +79,11 @@ class PrivateMethod(Method):
     def global_model(self) -> bool:
         return self.inner.global_model
 
-    def upload(self, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.inner.upload(state)
+    def plan(self, round_: int) -> RoundPlan:
+        return self.inner.plan(round_)
+
+    def upload(self, state: Mapping[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
+        return self.inner.upload(state, round_)
 
     def apply(self, state: Mapping[str, torch.Tensor], broadcast: Broadcast) -> State:
         return self.inner.apply(state, broadcast)

@@ -72,13 +72,13 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         maybe_kill("fit", round_)
         bytes_up += upload.nbytes
         try:
-            server.validate(upload)
+            server.validate(upload, round_)
         except UpdateRejected as e:
             rejected.append({"client": c, "reason": e.reason})
             continue
         uploads.append(upload)
 
-    uploads, outliers = server.screen(uploads)
+    uploads, outliers = server.screen(uploads, round_)
     rejected += [{"client": e.client, "reason": e.reason} for e in outliers]
 
     failed: str | None = None
