@@ -35,6 +35,7 @@ pytest.importorskip("opacus")
      r"method.name = 'flora-na' needs each client's upload, not only their sum"),
     (["privacy.secure_aggregation=true", "method.name=fedex"], r"method.name = 'fedex' needs each client's upload"),
     (["privacy.secure_aggregation=true", "method.name=fedit"], r"needs runtime.kind = 'flower'"),
+    (["privacy.secure_aggregation=true", "method.name=fedit", "runtime.kind=flower"], r"is not wired into fedlora's"),
     (["privacy.dp_sgd=true", "adapter.kind=vera"], r"Opacus computes for nn.Linear"),
     (["privacy.dp_sgd=true", "train.dtype=bfloat16"], r"privacy.dp_sgd = true needs train.dtype = 'float32'"),
 ])
@@ -227,3 +228,113 @@ def test_dp_sgd_trains_through_opacus_and_reports_each_clients_epsilon(tmp_path)
         assert r["epsilon_sgd"] == max(per_client.values())
     assert summary["epsilon_sgd_clients"] == records[-1]["epsilon_sgd_clients"]
     assert "epsilon" not in records[-1]  # no client-level DP asked for
+
+
+# ---- deployment security on 127.0.0.1: TLS and SuperNode authentication ------------------------------------------
+
+FLOWER_BOUND = 600  # seconds per federation: start-up dominates on a loaded 2-core machine
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_tls_federation_with_node_authentication_equals_the_embedded_run(tmp_path) -> None:
+    pytest.importorskip("flwr")
+    from fedlora.privacy.certs import generate
+    from fedlora.runtime.flower_launch import run_local
+
+    creds = generate(tmp_path / "creds", nodes=2)
+    cfg = tiny_config("data.num_clients=2", "train.rounds=1", "method.name=fedit")
+    simulation.run(cfg, RunDir(tmp_path / "embedded"), progress=False)
+    run_local(cfg, RunDir(tmp_path / "tls"), progress=False, timeout=FLOWER_BOUND, credentials=creds)
+
+    emb, tls = tmp_path / "embedded", tmp_path / "tls"
+    a = [json.loads(x) for x in (emb / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tls / "metrics.jsonl").read_text().splitlines()]
+    for ra, rb in zip(a, b, strict=True):
+        for k in ("acc_global", "loss_global", "acc_personal_mean", "train_loss", "bytes_up", "bytes_down"):
+            assert ra[k] == pytest.approx(rb[k], abs=1e-6), k
+    for c in ("0", "1"):
+        x = load_file(emb / "clients" / c / "adapter_model.safetensors")
+        y = load_file(tls / "clients" / c / "adapter_model.safetensors")
+        assert max(float((x[k] - y[k]).abs().max()) for k in x) <= 1e-6
+    logs = tls / "flower" / "logs"
+    assert "--ssl-certfile" in (logs / "processes.json").read_text() or \
+        "https://127.0.0.1" in (logs / "superlink.log").read_text()
+    for c in (0, 1):  # each node authenticated with its own registered key over TLS
+        assert "SuperNode ID" in (logs / f"supernode-{c}.log").read_text() or \
+            "Connection attempt failed" not in (logs / f"supernode-{c}.log").read_text()
+
+
+def test_unregistered_node_and_node_without_the_ca_are_refused(tmp_path) -> None:
+    pytest.importorskip("flwr")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from fedlora.privacy.certs import generate
+    from fedlora.runtime import flower_security as security
+
+    creds = generate(tmp_path / "creds", nodes=2)  # node 0 is registered below, node 1 never
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    (tmp_path / "home").mkdir()
+    port = _free_port()
+    (tmp_path / "home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "t"\n\n[superlink.t]\naddress = "127.0.0.1:{port}"\n' + security.connection_lines(creds))
+    procs: list[subprocess.Popen] = []
+
+    def start(argv: list[str], log: str) -> subprocess.Popen:
+        p = subprocess.Popen(argv, env=env, stdout=open(tmp_path / log, "wb"), stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        procs.append(p)
+        return p
+
+    try:
+        start([str(bindir / "flower-superlink"), *security.link_args(creds), "--disable-runtime-dependency-installation",
+               "--host", "127.0.0.1", "--port", str(port)], "link.log")
+        deadline = time.monotonic() + 120
+        reply = ""
+        while time.monotonic() < deadline:  # register node 0 once the SuperLink answers
+            argv = security.registrations(creds, 1, "t")[0]
+            reply = subprocess.run([str(bindir / "flwr"), *argv], env=env, capture_output=True, text=True,
+                                   timeout=60).stdout
+            if "registered successfully" in reply:
+                break
+            time.sleep(2)
+        assert "registered successfully" in reply, reply
+
+        def node(args: list[str], log: str) -> subprocess.Popen:
+            return start([str(bindir / "flower-supernode"), *args, "--superlink", f"127.0.0.1:{port}", "--host",
+                          "127.0.0.1", "--port", str(_free_port()), "--isolation", "process"], log)
+
+        unregistered = node(security.node_args(creds, 1), "unregistered.log")
+        no_ca = node(["--auth-supernode-private-key", str(creds.node_keys[0])], "no_ca.log")
+        registered = node(security.node_args(creds, 0), "registered.log")
+        for p in (unregistered, no_ca):
+            assert p.wait(timeout=120) != 0  # each gives up with an error exit
+        assert "Failed to activate SuperNode" in (tmp_path / "unregistered.log").read_text()
+        assert "CERTIFICATE_VERIFY_FAILED" in (tmp_path / "no_ca.log").read_text()
+        deadline = time.monotonic() + 60
+        while "SuperNode ID" not in (tmp_path / "registered.log").read_text() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert registered.poll() is None and "SuperNode ID" in (tmp_path / "registered.log").read_text()
+    finally:
+        for p in procs:  # every process we started, by its own process group
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)

@@ -41,6 +41,9 @@ def check_config(config: Config) -> None:
             raise ConfigError("privacy.secure_aggregation = true needs runtime.kind = 'flower': the embedded runtime "
                               "holds every client in one process, so there is no one to hide an upload from, and it "
                               "does not pretend to (refused rather than simulated)")
+        raise ConfigError("privacy.secure_aggregation = true is not wired into fedlora's Flower runtime yet: its "
+                          "rounds send each upload in its own message, so the server would still see every upload; "
+                          "refused rather than run without the protection it promises (docs/privacy.md)")
     if p.dp_sgd:
         from fedlora.registry import ADAPTERS, CAPABILITIES
 

@@ -25,13 +25,17 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from fedlora import config as cfgmod
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.storage import LOCK_FILE
 from fedlora.report import RunDir
+from fedlora.runtime import flower_security as security
+
+if TYPE_CHECKING:
+    from fedlora.privacy.certs import Credentials
 
 CONNECTION = "fedlora-local"
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
@@ -210,7 +214,8 @@ def run_status(procs: Processes, run_id: int, timeout: float = 120.0) -> dict[st
 def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool = True,
               timeout: float | None = None, startup_timeout: float = 600.0,
               node_config: Mapping[int, Mapping[str, Any]] | None = None, poll: float = 0.2,
-              simulation: bool = False, fast_poll: bool = True, resume: bool = False) -> dict[str, Any]:
+              simulation: bool = False, fast_poll: bool = True, resume: bool = False,
+              credentials: Credentials | None = None) -> dict[str, Any]:
     """Run ``config`` through Flower on 127.0.0.1 and write ``out`` as the embedded runtime does.
 
     ``timeout`` bounds the whole run (seconds; None: no bound); ``node_config`` adds per-client node config
@@ -247,14 +252,19 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
     try:
         with _terminate_as_interrupt():
             link_port = free_port()
-            link = procs.start("superlink", [_bin("flower-superlink"), "--insecure",
+            link = procs.start("superlink", [_bin("flower-superlink"), *security.link_args(credentials),
                                              "--disable-runtime-dependency-installation",
                                              "--host", "127.0.0.1", "--port", str(link_port)]
                                + (["--simulation"] if simulation else []))
             if not _wait_port(link_port, link, 90):
                 raise FedloraError(f"the SuperLink did not start on 127.0.0.1:{link_port} ({_see(out, 'superlink')})")
             (home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                                              f'address = "127.0.0.1:{link_port}"\ninsecure = true\n', encoding="utf-8")
+                                              f'address = "127.0.0.1:{link_port}"\n' + security.connection_lines(credentials),
+                                              encoding="utf-8")
+            for argv in security.registrations(credentials, 0 if simulation else n, CONNECTION):
+                reply = _flwr(procs, argv, timeout=120)  # SuperNode authentication: only registered keys connect
+                if "registered successfully" not in reply:
+                    raise FedloraError(f"flwr {' '.join(argv)} failed: {' '.join(reply.split())[-300:]}")
             out_abs = out.path.resolve()
             nodes = []
             for c in range(0 if simulation else n):
@@ -265,7 +275,7 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
                 supernode = [sys.executable, "-m", "fedlora.runtime.flower_supernode"] if fast_poll else \
                     [_bin("flower-supernode")]
                 node = procs.start(f"supernode-{c}", [
-                    *supernode, "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                    *supernode, *security.node_args(credentials, c), "--superlink", f"127.0.0.1:{link_port}",
                     "--host", "127.0.0.1", "--port", str(port), "--isolation", "process" if warm else "subprocess",
                     "--max-wait-time", "60", "--node-config", node_config_arg(values)])
                 nodes.append((c, port, node))
