@@ -20,6 +20,7 @@ from fedlora.data.mathword import FAMILIES, STEP_LABELS, answers_match, final_nu
 from fedlora.errors import ConfigError, DataError
 from fedlora.humaneval import completion_for, load_problems, program_for, run_all, select
 from fedlora.sandbox import Limits, run_program
+from test_flower import loopback_run, records, task_identity  # noqa: F401 - task_identity is a fixture
 
 FAST = Limits(timeout_s=2.0)
 
@@ -246,16 +247,22 @@ def test_math_word_end_to_end(tmp_path: Path) -> None:
     assert "pass_at_1_global" not in summary
 
 
-def test_python_functions_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedlora.report import RunDir
-    from fedlora.runtime import simulation
-
-    root = _fake_stdlib(tmp_path / "stdlib")
-    for i in range(12):  # enough functions for 3 clients, spread over packages
+def _small_stdlib(root: Path) -> Path:
+    """The fake standard library plus 24 small functions in 12 modules of 4 packages: enough for 3 clients."""
+    _fake_stdlib(root)
+    for i in range(12):
         (root / f"pkg{i % 4}").mkdir(exist_ok=True)
         (root / f"pkg{i % 4}" / f"mod{i}.py").write_text(
             f'def f{i}(x):\n    """Add {i}."""\n    y = x + {i}\n    return y\n\n\n'
             f'def g{i}(x):\n    """Times {i}."""\n    y = x * {i}\n    return y\n')
+    return root
+
+
+def test_python_functions_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedlora.report import RunDir
+    from fedlora.runtime import simulation
+
+    root = _small_stdlib(tmp_path / "stdlib")
     monkeypatch.setattr(pyfunctions, "stdlib_root", lambda: root)
     cfg = config.load(None, TINY + ["data.dataset=python-functions", "data.max_examples=0", "train.max_length=128",
                                     "train.max_new_tokens=4", "data.humaneval_problems=2", "method.name=fedsa"])
@@ -266,3 +273,20 @@ def test_python_functions_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     tried = [s for s in samples if "humaneval" in s]
     assert len(tried) == 3 * 2 and all(not s["passed"] for s in tried)
     assert {s["humaneval"] for s in tried} == {p["task_id"] for p in select(load_problems(), 2, seed=0)}
+
+
+def test_python_functions_on_flower_matches_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     task_identity: None) -> None:
+    from fedlora.report import RunDir
+    from fedlora.runtime import simulation
+
+    root = _small_stdlib(tmp_path / "stdlib")
+    monkeypatch.setattr(pyfunctions, "stdlib_root", lambda: root)
+    cfg = config.load(None, TINY + ["data.dataset=python-functions", "data.max_examples=0", "train.max_length=128",
+                                    "train.max_new_tokens=4", "data.humaneval_problems=2", "method.name=fedit"])
+    simulation.run(cfg, RunDir(tmp_path / "embedded"), progress=False)
+    loopback_run(cfg, tmp_path / "flower")
+    a, b = records(tmp_path / "embedded"), records(tmp_path / "flower")
+    assert a[-1]["pass_at_1_global"] == 0.0 and set(a[-1]["pass_at_1_clients"]) == {"0", "1", "2"}
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in a] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in b]
