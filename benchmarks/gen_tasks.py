@@ -2,18 +2,21 @@
 (HumanEval pass@1), before training and after a short federated run with FedIT, FedSA-LoRA and FLoRA-NA.
 
     .venv/bin/python benchmarks/gen_tasks.py [--tasks math-word python-functions] [--methods fedit fedsa flora-na]
-                                            [--out benchmarks/results/gen_tasks.json] [--set section.key=value ...]
+                                            [--out benchmarks/results] [--set section.key=value ...]
 
 Every measurement runs in a fresh child process: first the base model (the adapter's B = 0, so every method
 starts from it) evaluated once on the task's global test set (and, for python-functions, the HumanEval subset),
-then one `fedlora run` per method with `train.eval_initial = false`. Results are appended to ``--out`` as each
-one finishes, and a rerun skips what is already there (delete an entry, or the file, to measure it again), so
-the script can be killed and resumed. It prints the `fedlora run` command of every run.
+then one `fedlora run` per method with `train.eval_initial = false`. Results are appended to
+``<out>/gen_tasks-<task>.json`` as each one finishes, and a rerun skips what is already there (delete an entry,
+or the file, to measure it again), so the script can be killed and resumed, and the two tasks can run as two
+processes at once (``--tasks math-word`` and ``--tasks python-functions``). It prints the `fedlora run` command
+of every run.
 
-The settings (SHORT below) keep the whole benchmark to tens of minutes on one CPU thread: 150 examples per task
-(30 in the global test set, 3 clients with a Dirichlet α = 0.5 split by problem family / stdlib package, about
-8 test examples each), 3 rounds of 4 local steps of 4 examples, LoRA r = 8 on q_proj and v_proj, 20 HumanEval
-problems, and at most 128 generated tokens (the task defaults are 256 and 384).
+The settings (COMMON and SHORT below) keep the benchmark to tens of CPU minutes on one thread: 3 clients with a
+Dirichlet α = 0.5 split by problem family / stdlib package, 3 rounds of 4 local steps of 4 examples, LoRA r = 8
+on q_proj and v_proj, at most 128 generated tokens (the task defaults are 256 and 384); math-word: 150 problems
+(30 in the global test set, about 8 in each client's test split); python-functions: 100 functions (20 from
+held-out modules, about 5 per client) and 20 HumanEval problems.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ COMMON = ["model.name=smollm2", "data.max_examples=150", "data.num_clients=3", "
           "train.eval_every=3", "train.eval_initial=false", "train.eval_batch_size=16", "train.max_new_tokens=128",
           "train.threads=1"]
 SHORT = {"math-word": ["data.dataset=math-word", "train.max_length=208"],
-         "python-functions": ["data.dataset=python-functions", "train.max_length=256", "data.humaneval_problems=20"]}
+         "python-functions": ["data.dataset=python-functions", "data.max_examples=100", "train.max_length=256",
+                              "data.humaneval_problems=20"]}
 
 BASE_CHILD = r"""
 import json, os, sys, time
@@ -95,13 +99,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=list(SHORT))
     ap.add_argument("--methods", nargs="+", default=["fedit", "fedsa", "flora-na"])
-    ap.add_argument("--out", default="benchmarks/results/gen_tasks.json")
+    ap.add_argument("--out", default="benchmarks/results", help="folder of the results files")
     ap.add_argument("--runs", default="runs/bench-gen-tasks", help="run directories")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    path = Path(args.out)
-    results: dict[str, dict[str, object]] = json.loads(path.read_text()) if path.exists() else {}
     for task in args.tasks:
+        path = Path(args.out) / f"gen_tasks-{task}.json"
+        results: dict[str, dict[str, object]] = json.loads(path.read_text()) if path.exists() else {}
         overrides = COMMON + SHORT[task] + args.overrides
         key = f"{task}/base"
         if key not in results:
