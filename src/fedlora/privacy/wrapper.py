@@ -37,7 +37,7 @@ class PrivateMethod(Method):
     """``inner`` with client-level DP (``privacy.dp``) and the accounting of ``privacy.dp_sgd``."""
 
     name = "private"
-    summary = "differential privacy around another method"
+    description = "differential privacy around another method"
 
     def __init__(self, inner: Method, config: Config, train_sizes: Sequence[int]) -> None:
         self.inner = inner
@@ -115,7 +115,8 @@ class PrivateMethod(Method):
         import torch
 
         p = self.privacy
-        keys = self.shared_keys()
+        # the keys of this round's plan (the server checked that every upload has exactly them)
+        keys = tuple(sorted(uploads[0].payload)) if uploads else self.shared_keys()
         ref = {k: global_state[k] for k in keys}
         scale = len(uploads) / self.expected
         scaled = []
@@ -126,7 +127,7 @@ class PrivateMethod(Method):
                            for k in keys}
             scaled.append(replace(u, payload=clipped))
         broadcast = self.inner.aggregate(scaled, global_state)
-        if set(broadcast.payload) != set(keys):  # sum_only promises the broadcast is the mean of the shared keys
+        if set(broadcast.payload) != set(keys):  # sum_only promises the broadcast is the mean of the uploaded keys
             raise RuntimeError(f"method {self.inner.name!r} broadcast keys differ from its shared keys")
         std = p.noise_multiplier * p.clip_norm / self.expected
         self._aggregations += 1
