@@ -20,6 +20,8 @@ from pathlib import Path
 import flwr  # noqa: F401 - a missing Flower must fail here, loudly (pip install -e '.[flower]')
 import pytest
 import torch
+
+from fedlora.protocol import BaseUpdate
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from safetensors.torch import load_file
@@ -78,7 +80,8 @@ def task_identity() -> None:
 
 def test_broadcasts_round_trip_every_field_by_name(task_identity: None) -> None:
     a = Broadcast(payload={"x.lora_A.weight": torch.randn(4, 8)}, stats={"agg_error": 0.25}, version=3)
-    b = Broadcast(payload={}, base_update={"w": torch.ones(2, 3)}, reset_adapter=True, base_update_nbytes=8, version=4)
+    base = BaseUpdate(dense={"w": torch.ones(2, 3)}, factored={"v": (torch.ones(4, 1), torch.full((1, 5), 2.0))})
+    b = Broadcast(payload={}, base_update=base, reset_adapter=True, version=4)
     msg = Message(codec.request("train", 1, 2, [a, b]), dst_node_id=7, message_type="train")
 
     got = codec.get_broadcasts(msg.content)
@@ -86,8 +89,9 @@ def test_broadcasts_round_trip_every_field_by_name(task_identity: None) -> None:
     assert [g.version for g in got] == [3, 4]
     assert torch.equal(got[0].payload["x.lora_A.weight"], a.payload["x.lora_A.weight"])
     assert got[0].stats == {"agg_error": 0.25}
-    assert got[1].reset_adapter and got[1].base_update_nbytes == 8
-    assert torch.equal(got[1].base_update["w"], torch.ones(2, 3))
+    assert got[1].reset_adapter and got[1].base_update.nbytes == (6 + 4 + 5) * 4
+    assert torch.equal(got[1].base_update.dense["w"], torch.ones(2, 3))
+    assert torch.equal(got[1].base_update.materialize()["v"], torch.full((4, 5), 2.0))
     assert codec.message_nbytes(msg) > 4 * 8 * 4 + 2 * 3 * 4  # every array travels, with framing
 
 
@@ -350,6 +354,60 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
         proc.kill()
     assert proc.returncode == 130, err.decode()[-2000:]
     assert_all_stopped(tmp_path / "run")
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Live (non-zombie) processes whose command line contains ``text``."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace") and \
+                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def test_a_launcher_killed_after_round_1_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    cfg = tiny_config("data.num_clients=2", "train.rounds=3", "method.name=fedsa")
+    simulation.run(cfg, RunDir(tmp_path / "embedded"), progress=False)
+    run = tmp_path / "run"
+    proc = fedlora(*TINY_CLI, "--set", "train.rounds=3", "--set", "method.name=fedsa", "--set", "train.batch_size=8",
+                   "--out", str(run), cwd=tmp_path)  # = cfg
+    try:
+        end = time.monotonic() + BOUND
+        while time.monotonic() < end and proc.poll() is None and not (
+                (run / "checkpoint" / "state.safetensors").is_file() and len(records(run)) >= 2):
+            time.sleep(0.5)  # round 1 is recorded and checkpointed
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        proc.kill()  # SIGKILL: no cleanup of any kind in the launcher
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    end = time.monotonic() + 120
+    while _processes_naming(str(run)) and time.monotonic() < end:
+        time.sleep(1)  # its children die with it (parent-death signal; Flower's own children watch their parent)
+    assert _processes_naming(str(run)) == []
+    assert not (run / "summary.json").exists()
+
+    resumed = fedlora("--resume", str(run), cwd=tmp_path)
+    try:
+        _, err = resumed.communicate(timeout=BOUND)
+    finally:
+        resumed.kill()
+    assert resumed.returncode == 0, err.decode()[-3000:]
+    a, b = records(tmp_path / "embedded"), records(run)
+    assert [r["round"] for r in b] == [0, 1, 2, 3]
+    assert close([{k: v for k, v in r.items() if k != "seconds"} for r in a],
+                 [{k: v for k, v in r.items() if k != "seconds"} for r in b])
+    for c in ("0", "1"):
+        x = load_file(str(tmp_path / "embedded" / "clients" / c / "adapter_model.safetensors"))
+        y = load_file(str(run / "clients" / c / "adapter_model.safetensors"))
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=0, atol=1e-6) for k in x)
+    resumes = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert len(resumes) == 1 and resumes[0]["from_round"] >= 1
+    assert_all_stopped(run)
 
 
 # ---- Flower's simulation runtime (Ray), only inside a private network namespace -------------------------
