@@ -28,8 +28,6 @@ def __getattr__(name: str) -> Any:
         from fedlora.privacy.dpsgd import DPSGD
 
         return DPSGD
-    if name == "local_training":
-        return local_training
     raise AttributeError(name)
 
 
@@ -40,7 +38,10 @@ def local_training(config: Any) -> Any:
         return None
     import secrets
 
+    from fedlora.privacy.accounting import require_opacus
     from fedlora.privacy.dpsgd import DPSGD
+
+    require_opacus()
 
     seed = secrets.randbits(63) if p.noise_seed < 0 else p.noise_seed
     return DPSGD(p.dp_sgd_noise_multiplier, p.dp_sgd_clip_norm, seed)

@@ -23,16 +23,28 @@ import warnings
 ALPHAS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [80, 96, 128, 192, 256]
 
 
+def require_opacus() -> None:
+    """A clear error instead of an ImportError when the privacy extra is not installed."""
+    import importlib.util
+
+    from fedlora.errors import ConfigError
+
+    if importlib.util.find_spec("opacus") is None:
+        raise ConfigError("[privacy] needs Opacus for its accountant and DP-SGD: pip install 'fedlora[privacy]' "
+                          "(opacus 1.6.0; make install includes it)")
+
+
 def epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """ε at ``delta`` of a composition of (noise multiplier, sampling rate, steps) Gaussian mechanisms;
     ``math.inf`` when some step has no noise, 0 when nothing was released."""
-    from opacus.accountants import RDPAccountant
-
     history = [h for h in history if h[2] > 0]
     if not history:
         return 0.0
     if any(z <= 0 for z, _, _ in history):
         return math.inf
+    require_opacus()
+    from opacus.accountants import RDPAccountant
+
     acc = RDPAccountant()
     acc.history = list(history)
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound is valid, only looser
@@ -59,6 +71,7 @@ def calibrate(mode: str, target_epsilon: float, delta: float, rate: float, round
     """The smallest noise multiplier (to 0.01 in ε) whose ε after ``rounds`` rounds is at most ``target_epsilon``:
     Opacus's ``get_noise_multiplier`` (binary search over its accountant). ``local`` assumes a client that takes
     part in every round."""
+    require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
     from fedlora.errors import ConfigError
