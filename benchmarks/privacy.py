@@ -3,7 +3,7 @@ rotten-tomatoes with MiniLM, 50 clients of which 10 are expected per round (Pois
 DP-SGD in seconds per round.
 
     .venv/bin/python benchmarks/privacy.py [--methods fedit ffa] [--eps inf 16 4 1] [--seeds 0 1 2]
-                                          [--rounds 10] [--out benchmarks/results/privacy.jsonl] [--cost]
+                                          [--rounds 5] [--out benchmarks/results/privacy.jsonl] [--cost]
 
 For each (seed, ε, method) one embedded run: ``eps = off`` is the non-private run (no clipping, same Poisson
 sampling is *not* used: fixed-size sampling as without DP), ``inf`` clips with no noise (ε unbounded: what the
@@ -33,7 +33,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 COMMON = ["model.name=minilm", "data.dataset=rotten-tomatoes", "data.max_examples=4000", "data.num_clients=50",
           "data.partition=dirichlet", "data.alpha=1.0", "data.min_examples_per_client=10",
-          "train.clients_per_round=10", "train.local_steps=3", "train.batch_size=16", "train.max_length=32",
+          "train.clients_per_round=10", "train.local_steps=2", "train.batch_size=16", "train.max_length=32",
           "train.eval_initial=false", "train.threads=1", "method.weighting=uniform", "adapter.rank=8",
           "privacy.delta=1e-5"]
 CLIP = 1.0
@@ -71,15 +71,53 @@ def run_one(sets: list[str]) -> dict[str, Any]:
             "failed_rounds": s["failed_rounds"]}
 
 
+def table(path: Path) -> str:
+    """Markdown tables of what ``path`` holds: accuracy per method and target ε (mean ± std over seeds), the ε
+    the runs' accountant recorded, the calibrated noise multiplier; then the cost rows."""
+    import statistics
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    out = ["| method | target ε | ε recorded (δ = 1e-5) | noise multiplier | global acc | personalized acc | seeds "
+           "| s/round |", "|---|---|---|---|---|---|---|---|"]
+    order = {"off": 0, "inf": 1, "16": 2, "4": 3, "1": 4}
+    curve = [r for r in rows if r["kind"] == "curve"]
+    for method, eps in sorted({(r["method"], r["eps_target"]) for r in curve}, key=lambda x: (x[0], order[x[1]])):
+        rs = [r for r in curve if r["method"] == method and r["eps_target"] == eps]
+
+        def ms(key: str) -> str:
+            v = [r[key] for r in rs if r[key] is not None]
+            if not v:
+                return "–"
+            return f"{100 * statistics.mean(v):.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
+
+        eps_rec, z = rs[0]["epsilon"], rs[0]["noise_multiplier"]
+        label = {"off": "no DP", "inf": "∞ (clip only)"}.get(eps, eps)
+        recorded = "–" if eps == "off" else ("∞" if eps_rec is None else f"{eps_rec:.2f}")
+        noise = "–" if z is None else f"{z:.3f}"
+        seconds = statistics.mean(r["seconds_per_round"] for r in rs)
+        out.append(f"| {method} | {label} | {recorded} | {noise} | {ms('acc_global')} | {ms('acc_personal_mean')} | "
+                   f"{len(rs)} | {seconds:.0f} |")
+    cost = [r for r in rows if r["kind"] == "cost"]
+    if cost:
+        out += ["", "| local training | s/round | global acc |", "|---|---|---|"]
+        out += [f"| {'DP-SGD (Opacus)' if r['dp_sgd'] else 'plain'} | {r['seconds_per_round']:.0f} | "
+                f"{100 * r['acc_global']:.1f} |" for r in cost]
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["fedit", "ffa"])
-    ap.add_argument("--eps", nargs="+", default=["off", "inf", "4", "16", "1"])
+    ap.add_argument("--eps", nargs="+", default=["off", "inf", "4", "1", "16"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy.jsonl"))
     ap.add_argument("--cost", action="store_true", help="measure seconds per round with and without dp_sgd")
+    ap.add_argument("--table", action="store_true", help="print the results in --out as a markdown table")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
     import torch
 
     torch.set_num_threads(1)
