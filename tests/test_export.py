@@ -101,6 +101,13 @@ def test_saved_models_reproduce_the_last_evaluation(tmp_path_factory, method: st
         assert (folder / export.BASE_FILE).is_file() == changed
 
 
+def test_every_builtin_method_is_checked_for_saved_equals_evaluated() -> None:
+    from fedlora.registry import METHODS
+
+    builtin = {name for name, cls in METHODS.items() if cls.__module__.startswith("fedlora.methods.")}
+    assert builtin <= {m for m, _ in SAVED_CASES}, "add the new method to SAVED_CASES"
+
+
 def test_flora_learning_is_in_the_saved_base_weights(tmp_path_factory) -> None:
     run = finished_run(tmp_path_factory, "method.name=flora", "adapter.kind=lora")
     adapter = load_file(str(run / "global" / "adapter_model.safetensors"))
