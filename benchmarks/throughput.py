@@ -138,10 +138,10 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float], sl
     auto = {dt: models.resolve_attention("auto", device, dt) for dt in dtypes}
     causal = exps["float32"].task.kind == "generation"
     test = exps["float32"].split.global_test
-    eval_idx = {dt: test[:args.gen_eval] if causal else test for dt in dtypes}
+    eval_idx = {dt: test[:args.gen_eval if causal else args.eval_examples] for dt in dtypes}
     n_steps = dict.fromkeys(DTYPES, args.steps)
     attentions = {dt: ATTENTION for dt in dtypes}
-    if slow_bf16:  # bf16 by conversion is ~100x slower: one step with the auto attention, once, on a few examples
+    if slow_bf16 and "bfloat16" in exps:  # bf16 by conversion is ~100x slower: one step with the auto attention, once, on a few examples
         n_steps["bfloat16"], attentions["bfloat16"] = 1, (auto["bfloat16"],)
         eval_idx["bfloat16"] = eval_idx["bfloat16"][:args.slow_eval]
     # The FLOPs of a step do not depend on the dtype: counted once, in float32 with eager attention (whose
@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="local steps timed per configuration and repeat")
     ap.add_argument("--gen-eval", type=int, default=8, help="examples evaluated for a causal LM (greedy generation)")
+    ap.add_argument("--eval-examples", type=int, default=480, help="global-test examples timed (classification)")
     ap.add_argument("--slow-eval", type=int, default=16, help="examples evaluated in bf16 where bf16 is emulated")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--json", help="also write the figures here")
@@ -218,7 +219,10 @@ def main() -> None:
     print("matmul peak: " + ", ".join(f"{dt} {v / 1e9:.1f} GFLOP/s ({n}²)" for dt, (v, n) in measured.items()),
           flush=True)
     slow_bf16 = not models.has_fast_bf16(device)
-    results = [bench_model(m, args, peaks, slow_bf16) for m in args.models.split(",") if m]
+    results = []
+    for m in args.models.split(","):
+        results.append(bench_model(m, args, peaks, slow_bf16))
+        print(json.dumps(results[-1]), flush=True)  # each model's figures as soon as they exist
     for r in results:
         print(f"\n{r['model']}: seconds per local step (median of {args.repeats}; auto attention: {r['auto_attention']})")
         for k, v in r["step_s"].items():
