@@ -1,5 +1,5 @@
 """Privacy-utility curves: accuracy against ε for client-level DP (DP-FedAvg, ``privacy.dp = "central"``) on
-rotten-tomatoes with MiniLM, 50 clients of which 10 are expected per round (Poisson, q = 0.2), and the cost of
+bbc-news (5 classes, all 2,225 articles, first 32 tokens) with MiniLM, 50 clients of which 10 are expected per round (Poisson, q = 0.2), and the cost of
 DP-SGD in seconds per round.
 
     .venv/bin/python benchmarks/privacy.py [--methods fedit ffa] [--eps inf 16 4 1] [--seeds 0 1 2]
@@ -13,8 +13,9 @@ written is the one the run's own accountant recorded in its last round. Every re
 as soon as it exists and a rerun skips what is there, so the script can be stopped and resumed (run it in the
 background: ``nohup .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>&1 &``).
 
-``--cost`` measures seconds per round with and without ``privacy.dp_sgd`` (3 rounds, all 10 clients of a
-smaller federation), appended to the same file with ``"kind": "cost"``.
+``--cost`` measures the seconds of one client's local training without and with ``privacy.dp_sgd`` and of one
+aggregation without and with DP-FedAvg, alternating the variants so that a shared machine's load hits both
+alike (medians, appended with ``"kind": "cost"``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-COMMON = ["model.name=minilm", "data.dataset=rotten-tomatoes", "data.max_examples=4000", "data.num_clients=50",
+COMMON = ["model.name=minilm", "data.dataset=bbc-news", "data.max_examples=0", "data.num_clients=50",
           "data.partition=dirichlet", "data.alpha=1.0", "data.min_examples_per_client=10",
-          "train.clients_per_round=10", "train.local_steps=2", "train.batch_size=16", "train.max_length=32",
+          "train.clients_per_round=10", "train.local_steps=4", "train.batch_size=16", "train.max_length=32",
           "train.eval_initial=false", "train.threads=1", "method.weighting=uniform", "adapter.rank=8",
           "privacy.delta=1e-5"]
 CLIP = 1.0
@@ -97,18 +98,60 @@ def table(path: Path) -> str:
         seconds = statistics.mean(r["seconds_per_round"] for r in rs)
         out.append(f"| {method} | {label} | {recorded} | {noise} | {ms('acc_global')} | {ms('acc_personal_mean')} | "
                    f"{len(rs)} | {seconds:.0f} |")
-    cost = [r for r in rows if r["kind"] == "cost"]
-    if cost:
-        out += ["", "| local training | s/round | global acc |", "|---|---|---|"]
-        out += [f"| {'DP-SGD (Opacus)' if r['dp_sgd'] else 'plain'} | {r['seconds_per_round']:.0f} | "
-                f"{100 * r['acc_global']:.1f} |" for r in cost]
+    for r in (r for r in rows if r["kind"] == "cost"):
+        out += ["", f"| cost (median of {r['repeats']}, alternating) | seconds | with privacy | ratio |",
+                "|---|---|---|---|",
+                f"| one client's local training ({r['local_steps']} steps of {r['batch_size']}), plain vs DP-SGD | "
+                f"{r['train_seconds']:.2f} | {r['train_dp_sgd_seconds']:.2f} | "
+                f"{r['train_dp_sgd_seconds'] / r['train_seconds']:.2f} |",
+                f"| one FedIT aggregation of {r['uploads_aggregated']} uploads, plain vs DP-FedAvg | "
+                f"{r['aggregate_seconds']:.4f} | {r['aggregate_central_dp_seconds']:.4f} | "
+                f"{r['aggregate_central_dp_seconds'] / r['aggregate_seconds']:.2f} |"]
     return "\n".join(out)
+
+
+def cost(out: Path, repeats: int = 5) -> None:
+    """Seconds of one client's local training (train.local_steps steps) without and with DP-SGD, and of one
+    aggregation without and with DP-FedAvg's clipping and noise, alternating the two variants ``repeats`` times
+    so that the load of a shared machine hits both alike; medians are appended to ``out``."""
+    import statistics
+
+    from fedlora import config
+    from fedlora.experiment import build
+    from fedlora.methods import Upload
+
+    sets = COMMON + ["method.name=fedit", "train.rounds=5", "privacy.noise_seed=0"]
+    plain = build(config.load(None, sets))
+    sgd = build(config.load(None, sets + ["privacy.dp_sgd=true"]))
+    central = build(config.load(None, sets + ["privacy.dp=central", "privacy.noise_multiplier=1.0"]))
+    times: dict[str, list[float]] = {"train": [], "train_dp_sgd": [], "aggregate": [], "aggregate_central_dp": []}
+    uploads = []
+    for r in range(1, repeats + 1):
+        for name, exp in (("train", plain), ("train_dp_sgd", sgd)):
+            node = exp.client_node(exp.clients[0])
+            t0 = time.perf_counter()
+            up, _ = node.fit(r)
+            times[name].append(time.perf_counter() - t0)
+            if name == "train":
+                uploads.append(Upload(len(uploads), up.payload, up.num_examples))
+    for _ in range(repeats):
+        for name, exp in (("aggregate", plain), ("aggregate_central_dp", central)):
+            t0 = time.perf_counter()
+            exp.method.aggregate(uploads, exp.init_state)
+            times[name].append(time.perf_counter() - t0)
+    result = {"key": f"cost/{time.strftime('%Y%m%d-%H%M%S')}", "kind": "cost", "repeats": repeats,
+              "local_steps": plain.config.train.local_steps, "batch_size": plain.config.train.batch_size,
+              "uploads_aggregated": len(uploads), **{f"{k}_seconds": statistics.median(v) for k, v in times.items()},
+              "all_seconds": times, "sets": sets}
+    with out.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sets", "all_seconds")}), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["fedit", "ffa"])
-    ap.add_argument("--eps", nargs="+", default=["off", "inf", "4", "1", "16"])
+    ap.add_argument("--eps", nargs="+", default=["off", "4", "inf", "1", "16"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy.jsonl"))
@@ -125,17 +168,13 @@ def main() -> None:
     have = done(args.out)
     jobs: list[tuple[str, list[str], dict[str, Any]]] = []
     if args.cost:
-        small = COMMON + ["data.num_clients=10", "train.clients_per_round=10", "data.max_examples=1200",
-                          "train.rounds=3", "train.eval_every=3", "method.name=fedit"]
-        for dp_sgd in (False, True):
-            sets = small + ([f"privacy.dp_sgd={str(dp_sgd).lower()}", "privacy.noise_seed=0"])
-            jobs.append((f"cost/dp_sgd={dp_sgd}", sets, {"kind": "cost", "dp_sgd": dp_sgd}))
-    else:
-        for seed in args.seeds:
-            for eps in args.eps:
-                for method in args.methods:
-                    jobs.append((f"curve/{method}/{eps}/{seed}/{args.rounds}", overrides(method, eps, seed, args.rounds),
-                                 {"kind": "curve", "method": method, "eps_target": eps, "seed": seed}))
+        cost(args.out)
+        return
+    for seed in args.seeds:
+        for eps in args.eps:
+            for method in args.methods:
+                jobs.append((f"curve/{method}/{eps}/{seed}/{args.rounds}", overrides(method, eps, seed, args.rounds),
+                             {"kind": "curve", "method": method, "eps_target": eps, "seed": seed}))
     for key, sets, info in jobs:
         if key in have:
             continue
