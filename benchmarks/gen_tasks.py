@@ -75,7 +75,8 @@ def child(code: str, *args: str) -> dict[str, object]:
     """Run ``code`` in a fresh interpreter; its JSON result, with the CPU seconds it used (user + system, its
     own children included: on a shared machine these are steadier than wall time)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=7200)
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=7200,
+                          check=False)
     if proc.returncode != 0:
         sys.exit(f"child failed:\n{proc.stderr[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -114,9 +115,10 @@ def main() -> None:
             results[key] = {**res, "wall_seconds": time.perf_counter() - t, "overrides": overrides}
             save(path, results)
         r = results[key]
-        print(f"{task} base model: acc {pct(r['acc'])} on {r['n']} test items"
-              + (f", HumanEval pass@1 {pct(r['pass_at_1'])} on {len(r['humaneval_tasks'])} problems"  # type: ignore[arg-type]
-                 if "pass_at_1" in r else "") + f" ({r['wall_seconds']:.0f} s)")
+        problems = len(r.get("humaneval_tasks", ()))  # type: ignore[arg-type]
+        code = f", HumanEval pass@1 {pct(r.get('pass_at_1'))} on {problems} problems"
+        print(f"{task} base model: acc {pct(r['acc'])} on {r['n']} test items" + (code if "pass_at_1" in r else "")
+              + f" ({r['wall_seconds']:.0f} s)")
         for method in args.methods:
             key = f"{task}/{method}"
             run_overrides = overrides + [f"method.name={method}"]

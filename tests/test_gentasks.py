@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_flower import loopback_run, records
 
 from fedlora import config
 from fedlora.config import DataConfig
@@ -20,7 +21,6 @@ from fedlora.data.mathword import FAMILIES, STEP_LABELS, answers_match, final_nu
 from fedlora.errors import ConfigError, DataError
 from fedlora.humaneval import completion_for, load_problems, program_for, run_all, select
 from fedlora.sandbox import Limits, run_program
-from test_flower import loopback_run, records, task_identity  # noqa: F401 - task_identity is a fixture
 
 FAST = Limits(timeout_s=2.0)
 
@@ -217,7 +217,7 @@ def test_humaneval_programs() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ConfigError, match="python-functions' reads the standard library"):
+    with pytest.raises(ConfigError, match="python-functions' does not read data.path"):
         config.load(None, ["data.dataset=python-functions", "data.path=x.jsonl"])
     with pytest.raises(ConfigError, match="needs a causal language model"):
         config.load(None, ["data.dataset=math-word"]).resolved()  # minilm is an encoder
@@ -275,10 +275,13 @@ def test_python_functions_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert {s["humaneval"] for s in tried} == {p["task_id"] for p in select(load_problems(), 2, seed=0)}
 
 
-def test_python_functions_on_flower_matches_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     task_identity: None) -> None:
+def test_python_functions_on_flower_matches_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
     from fedlora.report import RunDir
     from fedlora.runtime import simulation
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # Message() needs them (test_flower)
 
     root = _small_stdlib(tmp_path / "stdlib")
     monkeypatch.setattr(pyfunctions, "stdlib_root", lambda: root)

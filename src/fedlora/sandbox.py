@@ -7,9 +7,9 @@ so each program runs in its own short-lived process with these layers (each one 
    bytecode written) in a fresh **temporary directory** that is its working directory, ``HOME`` and ``TMPDIR``,
    with a minimal environment; the directory is deleted afterwards. Its output goes to files beside that
    directory, bounded by the file-size limit, not into this process's memory.
-2. **Resource limits** (``setrlimit`` by the child on itself before it reads the program): CPU seconds, address space (memory),
-   the size of any file it writes, open files, no core dumps; and a **wall-clock timeout** after which the
-   whole process group (it runs in a new session) is killed with SIGKILL.
+2. **Resource limits** (``setrlimit`` by the child on itself before it reads the program): CPU seconds,
+   address space (memory), the size of any file it writes, open files, no core dumps; and a **wall-clock
+   timeout** after which the whole process group (it runs in a new session) is killed with SIGKILL.
 3. **No network.** When ``unshare --net --map-root-user`` works on this machine (Linux with user namespaces;
    probed once per process) the program runs in a new, empty network namespace: no interface but a down
    loopback, so no connection can be made anywhere, even by code that slips past the guard below. Where
@@ -46,7 +46,7 @@ from typing import BinaryIO
 
 from fedlora.errors import FedloraError
 
-__all__ = ["Limits", "Outcome", "SandboxError", "isolation", "run_program"]
+__all__ = ["DEFAULT_LIMITS", "Limits", "Outcome", "SandboxError", "isolation", "run_program"]
 
 _DETAIL_CHARS = 300  # at most this much of the last line of stderr is kept with an outcome
 
@@ -63,6 +63,9 @@ class Limits:
     memory_mb: int = 1024  # address space (RLIMIT_AS); Python itself needs about 30 MiB
     file_mb: int = 16  # largest file the program may write (inside its temporary directory)
     open_files: int = 64
+
+
+DEFAULT_LIMITS = Limits()
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,7 @@ def _unshare_prefix() -> tuple[str, ...]:
         return ()
     for args in ((exe, "--net", "--map-root-user"), (exe, "--net")):
         try:
-            if subprocess.run([*args, "true"], capture_output=True, timeout=10).returncode == 0:
+            if subprocess.run([*args, "true"], capture_output=True, timeout=10, check=False).returncode == 0:
                 return args
         except (OSError, subprocess.SubprocessError):
             continue
@@ -168,7 +171,7 @@ def _tail(f: BinaryIO, size: int = 4096) -> bytes:
     return f.read()
 
 
-def run_program(program: str, limits: Limits = Limits()) -> Outcome:
+def run_program(program: str, limits: Limits = DEFAULT_LIMITS) -> Outcome:
     """Execute ``program`` (Python source) in the sandbox described in the module docstring."""
     if not sys.platform.startswith("linux") and sys.platform != "darwin":
         raise SandboxError(f"the code sandbox needs a POSIX system (resource limits, sessions); this is {sys.platform}")

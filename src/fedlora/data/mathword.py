@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -115,11 +115,11 @@ def _rates(rng: random.Random) -> Problem:
     if kind == 0:
         machine, things = rng.choice(_MACHINES)
         rate, h1, h2 = rng.randint(6, 40), rng.randint(2, 9), rng.randint(2, 9)
-        d1, d2 = rng.sample(_DAYS, 2)
-        lines = [f"On {d1} it makes {rate} * {h1} = {rate * h1} {things}.",
-                 f"On {d2} it makes {rate} * {h2} = {rate * h2} {things}.",
+        day1, day2 = rng.sample(_DAYS, 2)
+        lines = [f"On {day1} it makes {rate} * {h1} = {rate * h1} {things}.",
+                 f"On {day2} it makes {rate} * {h2} = {rate * h2} {things}.",
                  f"In total it makes {rate * h1} + {rate * h2} = {rate * (h1 + h2)} {things}."]
-        q = (f"A {machine} makes {rate} {things} per hour. It runs for {h1} hours on {d1} and {h2} hours on {d2}. "
+        q = (f"A {machine} makes {rate} {things} per hour. It runs for {h1} hours on {day1} and {h2} hours on {day2}. "
              f"How many {things} does it make on the two days?")
         return q, lines, rate * (h1 + h2)
     if kind == 1:
@@ -142,7 +142,7 @@ def _rates(rng: random.Random) -> Problem:
         q = (f"A book has {pages} pages. {name} reads {per_day} pages every day. After {done} days, how many more "
              "days does it take to finish the book?")
         return q, lines, left
-    fill, drain, minutes = rng.randint(6, 20), 0, rng.randint(3, 15)
+    fill, minutes = rng.randint(6, 20), rng.randint(3, 15)
     drain = rng.randint(1, fill - 2)
     net = fill - drain
     lines = [f"The tank gains {fill} - {drain} = {net} liters per minute.",
@@ -196,20 +196,23 @@ def _percentages(rng: random.Random) -> Problem:
     part = base * pct // 100
     if kind == 0:
         item = rng.choice(("jacket", "bicycle", "lamp", "backpack", "video game"))
-        lines = [f"The discount is {base} * {pct} / 100 = ${part}.", f"The sale price is {base} - {part} = ${base - part}."]
+        lines = [f"The discount is {base} * {pct} / 100 = ${part}.",
+                 f"The sale price is {base} - {part} = ${base - part}."]
         return (f"A {item} costs ${base}. It is on sale for {pct}% off. What is the sale price in dollars?",
                 lines, base - part)
     if kind == 1:
         lines = [f"{pron.capitalize()} answers {base} * {pct} / 100 = {part} questions correctly.",
                  f"{pron.capitalize()} gets {base} - {part} = {base - part} wrong."]
-        return (f"A test has {base} questions. {name} answers {pct}% of them correctly. How many does {pron} get "
-                "wrong?", lines, base - part)
+        question = f"A test has {base} questions. {name} answers {pct}% of them correctly. "
+        return question + f"How many does {pron} get wrong?", lines, base - part
     if kind == 2:
-        lines = [f"The town grows by {base} * {pct} / 100 = {part} people.", f"Now it has {base} + {part} = {base + part} people."]
+        lines = [f"The town grows by {base} * {pct} / 100 = {part} people.",
+                 f"Now it has {base} + {part} = {base + part} people."]
         return (f"A town has {base} people. Its population grows by {pct}%. How many people live there now?",
                 lines, base + part)
     months = rng.randint(2, 12)
-    lines = [f"Each month {pron} saves {base} * {pct} / 100 = ${part}.", f"In {months} months {pron} saves {part} * {months} = ${part * months}."]
+    lines = [f"Each month {pron} saves {base} * {pct} / 100 = ${part}.",
+             f"In {months} months {pron} saves {part} * {months} = ${part * months}."]
     return (f"{name} earns ${base} a month and saves {pct}% of it. How much does {pron} save in {months} months?",
             lines, part * months)
 
@@ -231,9 +234,10 @@ def _multi_step(rng: random.Random) -> Problem:
              f"${rent} in bills and saves half of what is left. How much does {pron} save?")
         return q, lines, left // 2
     if kind == 1:
-        cows, hens, sold = rng.randint(3, 20), rng.randint(5, 40), 0
+        cows, hens = rng.randint(3, 20), rng.randint(5, 40)
         sold = rng.randint(1, cows - 1)
-        lines = [f"{cows} - {sold} = {cows - sold} cows are left.", f"The cows have {cows - sold} * 4 = {(cows - sold) * 4} legs.",
+        lines = [f"{cows} - {sold} = {cows - sold} cows are left.",
+                 f"The cows have {cows - sold} * 4 = {(cows - sold) * 4} legs.",
                  f"The chickens have {hens} * 2 = {hens * 2} legs.",
                  f"Together that is {(cows - sold) * 4} + {hens * 2} = {(cows - sold) * 4 + hens * 2} legs."]
         q = (f"A farmer has {cows} cows and {hens} chickens. He sells {sold} cows. How many legs do the animals "
@@ -256,7 +260,8 @@ def _multi_step(rng: random.Random) -> Problem:
     adult, child, na, nc = rng.randint(8, 20), rng.randint(3, 9), rng.randint(1, 3), rng.randint(1, 4)
     snack, ns = rng.randint(2, 6), rng.randint(1, 5)
     total = adult * na + child * nc + snack * ns
-    lines = [f"Adult tickets cost {na} * {adult} = ${na * adult}.", f"Child tickets cost {nc} * {child} = ${nc * child}.",
+    lines = [f"Adult tickets cost {na} * {adult} = ${na * adult}.",
+             f"Child tickets cost {nc} * {child} = ${nc * child}.",
              f"Snacks cost {ns} * {snack} = ${ns * snack}.",
              f"In total they pay {na * adult} + {nc * child} + {ns * snack} = ${total}."]
     q = (f"Tickets to the zoo cost ${adult} for adults and ${child} for children. {name} goes with {na} "
