@@ -247,13 +247,26 @@ def test_a_restarted_supernode_reloads_its_private_state_from_disk(tmp_path: Pat
     grid_cls = type("RestartingGrid", (CrashingGrid,), {"crash_at": None, "restart": 101})
     loopback_run(cfg, tmp_path / "restart", grid_cls=grid_cls, **{"federation-id": "a"})
     same_results(tmp_path / "whole", tmp_path / "restart")  # FedSA's private B and head were not lost
-    # the files of another federation in the same folder are never used: here they would hold round-2 state
-    grid_cls = type("RestartingGrid", (CrashingGrid,), {"crash_at": None, "restart": 101})
-    loopback_run(cfg, tmp_path / "other", grid_cls=grid_cls, node_extra={
-        1: {"state-dir": str(tmp_path / "restart" / "clients" / "1.state")}}, **{"federation-id": "c"})
-    x = load_file(str(tmp_path / "whole" / "clients" / "1" / "adapter_model.safetensors"))
-    y = load_file(str(tmp_path / "other" / "clients" / "1" / "adapter_model.safetensors"))
-    assert not all(torch.equal(x[k], y[k]) for k in x)  # client 1 started round 2 afresh: no file of its own
+
+
+def test_node_state_files_are_of_one_federation_and_client_and_the_latest_not_after_the_round(tmp_path: Path) -> None:
+    from fedlora.runtime.flower_state import load_snapshot, save_snapshot
+
+    def state(x: float) -> dict[str, torch.Tensor]:
+        return {"a": torch.full((2,), x)}
+
+    for r in range(4):  # rounds 0..3 of client 1 in federation "f": the two latest stay
+        save_snapshot(tmp_path, "f", 1, r, r + 10, state(r), {"w": torch.ones(1) * r})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-2.safetensors", "round-3.safetensors"]
+    snap = load_snapshot(tmp_path, "f", 1, at_most=2)
+    assert (snap.round, snap.version) == (2, 12) and torch.equal(snap.state["a"], state(2)["a"])
+    assert torch.equal(snap.base["w"], torch.full((1,), 2.0))
+    assert load_snapshot(tmp_path, "f", 1, at_most=1) is None  # nothing that early is kept
+    assert load_snapshot(tmp_path, "other", 1, at_most=9) is None  # another federation's files are never used
+    assert load_snapshot(tmp_path, "f", 0, at_most=9) is None  # nor another client's
+    save_snapshot(tmp_path, "f", 1, 2, 99, state(-1), {})  # round 2 again (after a resume): round 3 is stale
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round-2.safetensors"]
+    assert load_snapshot(tmp_path, "f", 1, at_most=9).version == 99
 
 
 # ---- federations on 127.0.0.1 -----------------------------------------------------------------------------

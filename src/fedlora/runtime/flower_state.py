@@ -11,8 +11,8 @@ message, after round t for an ``evaluate`` message. Its in-memory state is used 
 otherwise (a SuperNode that restarted, a resumed federation, a train message sent again) the latest file not
 later than that is loaded, and with none the client starts from its initial state. Files carry the federation
 id (a random id the launcher draws for a run directory and keeps across resumes), so the files of an earlier
-federation in the same folder are never used. The two latest rounds are kept: a server checkpoint is never
-more than one round behind a node.
+federation in the same folder are never used. The two latest rounds are kept (and any later one removed when
+a round is written again): a server checkpoint is never more than one round behind a node.
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def save_snapshot(folder: Path, federation: str, client: int, round_: int, versi
         os.fsync(fd)
     finally:
         os.close(fd)
-    rounds = sorted(_rounds(folder))
-    for old in rounds[:-KEEP]:
+    # Keep the KEEP latest rounds up to this one; a file of a later round is stale (a round this client is
+    # doing again after a resume, or another federation's) and would only be skipped: remove it.
+    earlier = sorted(r for r in _rounds(folder) if r <= round_)
+    for old in earlier[:-KEEP] + [r for r in _rounds(folder) if r > round_]:
         (folder / f"round-{old}.safetensors").unlink(missing_ok=True)
     return path
 
