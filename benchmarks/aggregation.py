@@ -29,7 +29,6 @@ peak includes them; the largest single-layer working set is reported too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import json
@@ -353,27 +352,24 @@ def print_estimators(rows: list[dict[str, object]]) -> None:
 COMPETITOR = ("import time, torch\n"  # a training-like load: 2 threads of large matmuls, default OpenMP policy
               "torch.set_num_threads(2)\na = torch.randn(1024, 1024)\nend = time.time() + {seconds}\n"
               "while time.time() < end:\n    a @ a\n")
-CONTENTION_MODES = {  # name -> (torch threads, aggregation inside fedlora.threads.limited_threads, OMP_WAIT_POLICY)
-    "2 threads (before)": (2, False, None),
-    "2 threads, OMP_WAIT_POLICY=PASSIVE": (2, False, "PASSIVE"),
-    "2 threads + limited_threads (fedlora now)": (2, True, None),
+CONTENTION_MODES = {  # name -> (torch threads while aggregating, OMP_WAIT_POLICY of the process)
+    "2 threads (fedlora's default)": (2, None),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": (2, "PASSIVE"),
+    "1 thread": (1, None),
 }
 
 
 def contention_child(args: argparse.Namespace) -> dict[str, float]:
     """Runs in a fresh process (the OpenMP settings are fixed when torch loads): times ``flora_na`` over every
     layer as the server runs it, in the mode ``args.mode``; prints one JSON line."""
-    from fedlora.threads import limited_threads
-
-    threads, limited, _ = CONTENTION_MODES[args.mode]
+    threads, _ = CONTENTION_MODES[args.mode]
     torch.set_num_threads(threads)
     layers = [make_layer(i, args) for i in range(args.layers)]
     weights = make_weights(args)
     F.flora_na(*layers[0], weights)  # kernels and thread pool loaded before timing
     start, start_cpu = time.perf_counter(), time.process_time()
-    with limited_threads() if limited else contextlib.nullcontext():
-        for Bs, As in layers:
-            F.flora_na(Bs, As, weights)
+    for Bs, As in layers:
+        F.flora_na(Bs, As, weights)
     return {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - start_cpu}
 
 
@@ -384,7 +380,7 @@ def contention(args: argparse.Namespace) -> dict[str, object]:
             "--rank", str(args.rank), "--clients", str(args.clients), "--seed", str(args.seed)]
 
     def child(mode: str) -> float:
-        policy = CONTENTION_MODES[mode][2]
+        policy = CONTENTION_MODES[mode][1]
         out = subprocess.run([*argv, "--mode", mode], env={**env, **({"OMP_WAIT_POLICY": policy} if policy else {})},
                              capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
@@ -404,7 +400,7 @@ def contention(args: argparse.Namespace) -> dict[str, object]:
         print(f"  repeat {rep + 1}: " + "; ".join(f"{m}: idle {t['idle'][-1]:.2f} s, loaded {t['loaded'][-1]:.2f} s"
                                                    for m, t in times.items()), flush=True)
     med = {m: {k: statistics.median(v) for k, v in t.items()} for m, t in times.items()}
-    idle_before = med["2 threads (before)"]["idle"]
+    idle_before = med["2 threads (fedlora's default)"]["idle"]
     return {"layers": args.layers, "shape": f"{args.d}x{args.d}, r={args.rank}, {args.clients} clients",
             "load_average": os.getloadavg(), "samples": times, "median": med,
             "loaded_over_idle": {m: v["loaded"] / v["idle"] for m, v in med.items()},
@@ -416,7 +412,7 @@ def print_contention(result: dict[str, object]) -> None:
           "process running 2 threads of matmuls")
     for mode, v in result["median"].items():  # type: ignore[attr-defined]
         print(f"  {mode:<44} idle {v['idle']:.2f}  loaded {v['loaded']:.2f}  loaded/idle "
-              f"{v['loaded'] / v['idle']:.1f}×  loaded/idle-before "
+              f"{v['loaded'] / v['idle']:.1f}×  loaded/idle-default "
               f"{result['loaded_over_idle_before'][mode]:.1f}×  (target <= 3×)")  # type: ignore[index]
 
 
@@ -442,9 +438,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--demo-rounds", type=int, default=8, help="--estimators: demo rounds (0: synthetic only)")
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--contention", action="store_true", help="time flora_na idle and beside a competing process, "
-                    "with 2 threads as before and with fedlora's aggregation thread limit (use --layers 16)")
+                    "with 2 threads (default and passive OpenMP waiting) and with 1 thread (use --layers 16)")
     ap.add_argument("--contention-child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--mode", default="2 threads (before)", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="2 threads (fedlora's default)", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(args)))

@@ -15,7 +15,6 @@ import torch
 from fedlora.adapters import State
 from fedlora.errors import RoundFailed, UpdateRejected
 from fedlora.methods import Broadcast, Method, Upload
-from fedlora.threads import limited_threads
 
 
 class Server:
@@ -137,9 +136,7 @@ class Server:
         """Aggregate validated uploads into a new broadcast, or raise :class:`RoundFailed` (nothing changes)."""
         if len(uploads) < self.min_clients:
             raise RoundFailed(f"{len(uploads)} valid update(s), fewer than train.min_clients = {self.min_clients}")
-        with limited_threads():  # small per-layer maths: one thread degrades gracefully on busy cores (threads.py)
-            aggregated = self.method.aggregate(uploads, self.global_state)
-        broadcast = replace(aggregated, version=self.version + 1)
+        broadcast = replace(self.method.aggregate(uploads, self.global_state), version=self.version + 1)
         bad = [k for k, v in broadcast.payload.items() if not bool(torch.isfinite(v).all())]
         if bad:
             raise RoundFailed(f"aggregation produced non-finite values in {bad[:3]}")
