@@ -341,9 +341,12 @@ def resolve_attention(name: str, device: torch.device, dtype: str) -> str:
     """``train.attention``: "auto" is the faster implementation for the device and dtype, as measured by
     benchmarks/throughput.py (one local step of minilm, batch 16 × 64 tokens, forward and backward):
 
-    - CPU, bf16: "eager". PyTorch's SDPA has a slow bf16 backward on CPU (about half of a 245 ms step on a
-      2-core AMX machine, where the eager step takes 100 ms).
-    - CPU, float32 and CUDA: "sdpa" (fused kernels on GPUs; on CPU in float32 the two are within noise).
+    - CPU, bf16: "eager". PyTorch's SDPA has a slow bf16 backward on CPU: on a 2-core AMX machine it took about
+      half of a 245 ms step, where the eager step takes 100 ms (issue 15).
+    - CPU, float32: "sdpa", the default before issue 15. On the 2-core AVX2 machine eager measured 10-16% faster
+      (4 of 5 alternating pairs, on a heavily loaded machine); switching would change the default demo's
+      numerics and its published figures, so it waits for a measurement on idle cores.
+    - CUDA: "sdpa" (fused attention kernels).
     """
     if name != "auto":
         return name
