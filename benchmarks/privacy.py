@@ -98,6 +98,11 @@ def table(path: Path) -> str:
         seconds = statistics.mean(r["seconds_per_round"] for r in rs)
         out.append(f"| {method} | {label} | {recorded} | {noise} | {ms('acc_global')} | {ms('acc_personal_mean')} | "
                    f"{len(rs)} | {seconds:.0f} |")
+    for r in (r for r in rows if r["kind"] == "secagg"):
+        out += ["", "| one aggregation, in process | seconds |", "|---|---|",
+                f"| plain weighted mean of {r['clients']} FedIT uploads ({r['entries_per_upload']:,} entries each) | "
+                f"{r['plain_seconds']:.3f} |",
+                f"| SecAgg+ (Flower's workflow and mod, 5 shares, threshold 3) | {r['secaggplus_seconds']:.1f} |"]
     for r in (r for r in rows if r["kind"] == "cost"):
         out += ["", f"| cost (median of {r['repeats']}, alternating) | seconds | with privacy | ratio |",
                 "|---|---|---|---|",
@@ -148,6 +153,49 @@ def cost(out: Path, repeats: int = 5) -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("sets", "all_seconds")}), flush=True)
 
 
+def secagg_cost(out: Path, clients: int = 10, repeats: int = 3) -> None:
+    """Seconds of one SecAgg+ round (Flower's workflow and mod, in process: key agreement, secret sharing,
+    masking, unmasking; no network) over ``clients`` FedIT uploads of the benchmark's model, against the plain
+    weighted mean of the same uploads (``method.aggregate``)."""
+    import statistics
+
+    import numpy as np
+
+    from fedlora import config
+    from fedlora.experiment import build
+    from fedlora.methods import Upload
+    from fedlora.privacy.secagg import InProcessGrid, client_app, secure_mean
+
+    exp = build(config.load(None, COMMON + ["method.name=fedit", "train.rounds=5"]))
+    keys = list(exp.method.shared_keys())
+    gen = np.random.default_rng(0)
+    ups = {100 + c: ({k: (exp.init_state[k].numpy() + gen.normal(0, 0.01, exp.init_state[k].shape)).astype(np.float32)
+                      for k in keys}, 1) for c in range(clients)}
+    plain, secure = [], []
+    for _ in range(repeats):
+        uploads = [Upload(c, {k: torch_from(v) for k, v in p.items()}, w) for c, (p, w) in ups.items()]
+        t0 = time.perf_counter()
+        exp.method.aggregate(uploads, exp.init_state)
+        plain.append(time.perf_counter() - t0)
+        grid = InProcessGrid(client_app(lambda n: ups[n], keys), list(ups))
+        t0 = time.perf_counter()
+        secure_mean(grid, keys, {k: tuple(exp.init_state[k].shape) for k in keys}, num_shares=5, threshold=3,
+                    max_weight=1.0)
+        secure.append(time.perf_counter() - t0)
+    result = {"key": f"secagg/{time.strftime('%Y%m%d-%H%M%S')}", "kind": "secagg", "clients": clients,
+              "entries_per_upload": int(sum(ups[100][0][k].size for k in keys)), "plain_seconds": statistics.median(plain),
+              "secaggplus_seconds": statistics.median(secure), "all": {"plain": plain, "secaggplus": secure}}
+    with out.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps(result), flush=True)
+
+
+def torch_from(a: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(a)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=["fedit", "ffa"])
@@ -157,6 +205,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/privacy.jsonl"))
     ap.add_argument("--cost", action="store_true", help="measure seconds per round with and without dp_sgd")
     ap.add_argument("--table", action="store_true", help="print the results in --out as a markdown table")
+    ap.add_argument("--secagg", action="store_true", help="time one SecAgg+ round against the plain mean")
     args = ap.parse_args()
     if args.table:
         print(table(args.out))
@@ -169,6 +218,9 @@ def main() -> None:
     jobs: list[tuple[str, list[str], dict[str, Any]]] = []
     if args.cost:
         cost(args.out)
+        return
+    if args.secagg:
+        secagg_cost(args.out)
         return
     for seed in args.seeds:
         for eps in args.eps:
