@@ -27,6 +27,8 @@ demo: install
 	$(VENV)/bin/fedlora run --out runs/demo --overwrite
 
 test: install
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest
 
 bench: install

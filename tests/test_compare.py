@@ -91,13 +91,13 @@ def test_interrupted_grid_finishes_without_redoing_complete_runs(tmp_path, monke
     real_run = simulation.run
     started: list[str] = []
 
-    def killed_during_third(config, out_dir, progress=True, exp=None):  # type: ignore[no-untyped-def]
+    def killed_during_third(config, out_dir, progress=True, exp=None, resume=False):  # type: ignore[no-untyped-def]
         started.append(out_dir.path.name)
         if len(started) == 3:
             def die(*args, **kwargs):  # the process dies after the last round, before summary.json
                 raise KeyboardInterrupt
             out_dir.finish = die
-        return real_run(config, out_dir, progress=progress, exp=exp)
+        return real_run(config, out_dir, progress=progress, exp=exp, resume=resume)
 
     monkeypatch.setattr(simulation, "run", killed_during_third)
     with pytest.raises(KeyboardInterrupt):
@@ -109,8 +109,8 @@ def test_interrupted_grid_finishes_without_redoing_complete_runs(tmp_path, monke
     before = {r: mtimes(out / "runs" / r) for r in complete}
 
     started.clear()
-    monkeypatch.setattr(simulation, "run", lambda config, out_dir, progress=True, exp=None: (
-        started.append(out_dir.path.name), real_run(config, out_dir, progress=progress, exp=exp))[1])
+    monkeypatch.setattr(simulation, "run", lambda config, out_dir, progress=True, exp=None, resume=False: (
+        started.append(out_dir.path.name), real_run(config, out_dir, progress=progress, exp=exp, resume=resume))[1])
     grid(out)
     assert started == ["fedsa-lora-s0", "fedsa-lora-s1"]  # the incomplete one redone, the missing one run
     assert {r: mtimes(out / "runs" / r) for r in complete} == before  # complete runs untouched

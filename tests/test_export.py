@@ -37,7 +37,8 @@ def test_fedex_residual_is_sent_at_its_true_rank() -> None:
         assert record["bytes_down"] == 3 * per_client
         assert record["bytes_eval_sync"] == 0  # every client took part
     latest = server.history[-1]
-    assert latest.base_update and all(v.shape in ((32, 8), (8, 32)) for v in latest.base_update.values())
+    assert latest.base_update and not latest.base_update.dense
+    assert all(P.shape == (32, 8) and Q.shape == (8, 32) for P, Q in latest.base_update.factored.values())
 
 
 def test_evaluation_only_syncs_are_counted_apart() -> None:

@@ -113,7 +113,8 @@ def test_small_base_merges_accumulate_exactly_in_the_float32_master() -> None:
 
     from conftest import tiny_config
     from fedlora.experiment import build
-    from fedlora.runtime.simulation import apply_base_update
+    from fedlora.protocol import BaseUpdate
+    from fedlora.runtime.driver import apply_base_update
 
     exp = build(tiny_config("train.dtype=bfloat16", "method.name=fedex"))
     name = next(iter(exp.info.layers.values())).base_param
@@ -123,7 +124,7 @@ def test_small_base_merges_accumulate_exactly_in_the_float32_master() -> None:
     # weight would round every one of them away; the float32 master keeps their sum (0.1 × scale).
     delta = torch.full_like(w0, 1e-4 * float(w0.abs().mean()))
     for _ in range(1000):
-        apply_base_update(exp.model, {name: delta})
+        apply_base_update(exp.model, BaseUpdate(dense={name: delta}))
     torch.testing.assert_close(weight.detach() - w0, 1000 * delta, rtol=1e-3, atol=0)
     naive = w0.to(torch.bfloat16)
     for _ in range(1000):

@@ -36,12 +36,17 @@ def __getattr__(name: str) -> Any:
     return value
 
 
-def run(config: Config, out: str | None = None, progress: bool = False) -> dict:
-    """Run ``config`` in the embedded simulation; write a run directory to ``out`` if given. Returns the summary."""
+def run(config: Config, out: str | None = None, progress: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run ``config`` with the runtime it names (``runtime.kind``); write a run directory to ``out`` if given
+    (``resume``: continue the run there). Returns the summary. Plugins are loaded by importing them first
+    (or with :func:`fedlora.registry.load_plugin`)."""
+    from fedlora.registry import RUNTIMES
     from fedlora.report import RunDir
-    from fedlora.runtime.simulation import run as _run
 
-    return _run(config, RunDir(out) if out else None, progress=progress)
+    runtime = RUNTIMES.lookup(config.runtime.kind)
+    summary: dict[str, Any] = runtime.run(config, RunDir(out, resume=resume) if out else None, progress=progress,
+                                          resume=resume)
+    return summary
 
 
 __all__ = ["Broadcast", "Config", "ConfigError", "DataError", "FedloraError", "METHODS", "Method", "ModelError",

@@ -19,16 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors.torch import load_file, save
 
 from fedlora.errors import FedloraError
-from fedlora.methods import Broadcast
+from fedlora.protocol import BaseUpdate, Broadcast
 from fedlora.server import Server
 from fedlora.storage import StorageError, atomic_write, describe_os_error
 
@@ -51,16 +50,8 @@ class Checkpoint:
     base: dict[str, torch.Tensor]
 
 
-def maybe_kill(point: str, round_: int) -> None:
-    """Test hook: ``FEDLORA_TEST_KILL_AT=point:round`` SIGKILLs this process there (crash-safety tests)."""
-    target = os.environ.get("FEDLORA_TEST_KILL_AT")
-    if target and target == f"{point}:{round_}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _history_meta(b: Broadcast) -> dict[str, Any]:
-    return {"reset_adapter": b.reset_adapter, "stats": dict(b.stats), "base_update_nbytes": b.base_update_nbytes,
-            "version": b.version}
+    return {"reset_adapter": b.reset_adapter, "stats": dict(b.stats), "version": b.version}
 
 
 def _digest(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
@@ -76,7 +67,8 @@ def _digest(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
 def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mapping[int, Mapping[str, torch.Tensor]],
                     client_versions: Mapping[int, int], base: Mapping[str, torch.Tensor],
                     records: list[dict[str, Any]], elapsed: float,
-                    config: Mapping[str, Any] | None = None) -> None:
+                    config: Mapping[str, Any] | None = None,
+                    on_event: Callable[[str, int], None] | None = None) -> None:
     """Write the state after ``round_`` as ``directory/state.safetensors``, atomically, keeping the one before as
     ``previous.safetensors``. ``config`` (the resolved config as a dict) is stored for resume checks."""
     tensors: dict[str, torch.Tensor] = {}
@@ -88,7 +80,7 @@ def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mappi
     for j, b in enumerate(server.history):
         for k, v in b.payload.items():
             tensors[f"history/{j}/payload/{k}"] = v
-        for k, v in b.base_update.items():
+        for k, v in b.base_update.to_tensors().items():
             tensors[f"history/{j}/base/{k}"] = v
     for cid, state in clients.items():
         for k, v in state.items():
@@ -109,7 +101,8 @@ def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mappi
     current, previous = directory / FILE, directory / PREVIOUS
 
     def keep_previous() -> None:  # between the fsync of the new file and its rename over the current one
-        maybe_kill("checkpoint-write", round_)
+        if on_event is not None:
+            on_event("checkpoint-write", round_)  # observers: the crash tests kill the process here
         if current.is_file():
             link = directory / (PREVIOUS + ".tmp")
             link.unlink(missing_ok=True)
@@ -182,7 +175,7 @@ def load_checkpoint(directory: Path, server: Server) -> Checkpoint:
         g = groups.get(f"history/{j}", {})
         payload = {k[len("payload/"):]: v for k, v in g.items() if k.startswith("payload/")}
         base_update = {k[len("base/"):]: v for k, v in g.items() if k.startswith("base/")}
-        history.append(replace(Broadcast(payload=payload, base_update=base_update), **hm))
+        history.append(replace(Broadcast(payload=payload, base_update=BaseUpdate.from_tensors(base_update)), **hm))
     server.history = history
     server.version, server.first = meta["version"], meta["first"]
     server.client_version = list(meta["client_version"])

@@ -93,37 +93,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _execute(args: argparse.Namespace, config: Any, out: RunDir) -> dict[str, Any]:
-    """Run the experiment into the locked ``out``; print the summary table."""
+    """Run the experiment into the locked ``out`` with the runtime the config names; print the summary table."""
     from rich.console import Console
 
-    from fedlora.experiment import build
+    from fedlora.registry import RUNTIMES
     from fedlora.report import summary_table
-    from fedlora.runtime import simulation
 
-    if config.runtime.kind == "flower":  # SuperLink + one SuperNode per client on 127.0.0.1 (docs/flower.md)
-        from fedlora.runtime.flower_launch import run_local
-
-        if args.resume:  # the ServerApp restores its checkpoint; each SuperNode reloads its client's state
-            from fedlora.resume import check_resume
-
-            entry = check_resume(out.path, config.resolved())
-            out.record_resume({**entry, "time": time.time()})
-        summary = run_local(config, out, progress=not args.quiet, resume=bool(args.resume))
-        console = Console()
-        console.print(summary_table([{"method": config.method.name, "adapter": config.adapter.kind, **summary}]))
-        console.print(f"run directory: {out.path}")
-        return summary
-    entry = None
+    runtime = RUNTIMES.lookup(config.runtime.kind)
     if args.resume:
         from fedlora.resume import check_resume
 
         entry = check_resume(out.path, config.resolved())  # checksum and config, before the model is loaded
-    exp = build(config)
-    if entry is not None:
         out.record_resume({**entry, "time": time.time()})
-    summary = simulation.run(exp.config, out, progress=not args.quiet, exp=exp, resume=bool(args.resume))
+    summary: dict[str, Any] = runtime.run(config, out, progress=not args.quiet, resume=bool(args.resume))
     console = Console()
-    console.print(summary_table([{"method": exp.config.method.name, "adapter": exp.config.adapter.kind, **summary}]))
+    console.print(summary_table([{"method": config.method.name, "adapter": config.adapter.kind, **summary}]))
     console.print(f"run directory: {out.path}")
     return summary
 

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 from fedlora import config as cfgmod
 from fedlora.config import Config
-from fedlora.registry import ADAPTERS
+from fedlora.registry import ADAPTERS, RUNTIMES
 from fedlora.errors import ConfigError, FedloraError
 from fedlora.storage import atomic_write, check_output_dir
 
@@ -130,10 +130,8 @@ def run_grid(cells: Sequence[Cell], out: Path, progress: bool = True, tensorboar
     """Run every runnable cell not already complete under ``out/runs``. Returns (ran, reused)."""
     from tqdm.auto import tqdm
 
-    from fedlora.experiment import build
     from fedlora.results import is_complete
     from fedlora.runlog import ObservedRunDir, Observer, RoundBar, TensorBoardLogger, summary_writer_class
-    from fedlora.runtime import simulation
 
     if tensorboard:
         summary_writer_class()  # a missing package is an error before any work
@@ -163,9 +161,9 @@ def run_grid(cells: Sequence[Cell], out: Path, progress: bool = True, tensorboar
             observers: list[Observer] = [RoundBar(bar)]
             if tensorboard:
                 observers.append(TensorBoardLogger())
-            exp = build(cell.config)  # pretrained weights are cached per process; this copies them
-            simulation.run(exp.config, ObservedRunDir(path, overwrite=True, observers=observers), progress=False,
-                           exp=exp)
+            # The grid's runs go through the runtime the config names, like `fedlora run` and fedlora.run().
+            RUNTIMES.lookup(cell.config.runtime.kind).run(
+                cell.config, ObservedRunDir(path, overwrite=True, observers=observers), progress=False)
     return todo, reused
 
 

@@ -360,7 +360,7 @@ def flora_na_coefficients(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: W
             if step == steps:
                 break
             opt.zero_grad()
-            value.backward()
+            value.backward()  # type: ignore[no-untyped-call]
             opt.step()
     _, a, b = best
     return _weighted_sum(layer.Bs, b), _weighted_sum(layer.As, a)
@@ -440,7 +440,7 @@ def flora_na_paper(layers: Sequence[tuple[Sequence[Tensor], Sequence[Tensor], Te
         opt = torch.optim.AdamW([U, V], lr=lr, weight_decay=weight_decay)
         for _ in range(steps):
             opt.zero_grad()
-            (loss(U, V) / scale).backward()
+            (loss(U, V) / scale).backward()  # type: ignore[no-untyped-call]
             opt.step()
     a, b = (p * U.detach()).tolist(), (p * V.detach()).tolist()
     out = []

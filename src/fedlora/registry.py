@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, TypeVar
 
 from fedlora.errors import ConfigError, FedloraError
 
@@ -174,7 +174,7 @@ def chosen(config: Config) -> list[tuple[str, Any]]:
     return [(f"{r.section}.{r.key}", r.lookup(getattr(getattr(config, r.section), r.key))) for r in REGISTRIES]
 
 
-def unmet(picks: list[tuple[str, Any]], extra_needs: list[tuple[str, Any, str]] = ()) -> list[tuple[str, Any, str]]:
+def unmet(picks: list[tuple[str, Any]], extra_needs: Sequence[tuple[str, Any, str]] = ()) -> list[tuple[str, Any, str]]:
     """``(config key, plugin or value, capability)`` for every capability some pick needs that no pick provides."""
     provided: set[str] = set()
     for _, plugin in picks:

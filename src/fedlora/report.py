@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
@@ -45,6 +45,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, overwrite: bool = False, resume: bool = False, lock: bool = True) -> None:
         self.path = Path(path)
+        self.on_event: Callable[[str, int], None] | None = None  # observers of its writes (set by the runtime)
         self.overwrite = overwrite
         self.resume = resume
         if self.path.exists() and not self.path.is_dir():
@@ -138,7 +139,7 @@ class RunDir:
         """Each client's final adapter (``{client: (state, PEFT adapter name)}``) and the global one in PEFT
         format (loadable with ``PeftModel.from_pretrained``)."""
         for cid, (state, adapter) in clients.items():
-            save_adapter(exp, state, self.path / "clients" / str(cid), adapter)
+            save_adapter(exp, state, self.path / "clients" / str(cid), adapter, on_event=self.on_event)
         if global_state is not None:
             save_adapter(exp, global_state, self.path / "global")
 
@@ -149,15 +150,14 @@ class RunDir:
         atomic_write(self.path / "summary.json", json.dumps(full, indent=2) + "\n")
 
 
-def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path, adapter: str = "default") -> None:
+def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path, adapter: str = "default",
+                 on_event: Callable[[str, int], None] | None = None) -> None:
     """Write ``state`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors) of the model's
     adapter ``adapter`` (a client's rank, with per-client ranks): always a plain top-level adapter folder.
 
     The folder is written whole beside its destination (``<path>.tmp``) and then renamed into place, so a crash or a
     full disk never leaves a half-written adapter; a failed write removes the temporary folder and raises
     :class:`~fedlora.storage.StorageError`."""
-    from fedlora.checkpoint import maybe_kill
-
     exp.trainer.load(state, adapter)
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -175,7 +175,8 @@ def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path,
         from fedlora.export import write_base_weights
 
         write_base_weights(exp, tmp)  # FedEx / FLoRA: the base weights the method changed (fedlora.export)
-        maybe_kill("adapter-write", 0)
+        if on_event is not None:
+            on_event("adapter-write", 0)  # observers: the crash tests kill the process here
         replace_dir(tmp, path)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)

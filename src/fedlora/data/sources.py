@@ -12,6 +12,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from fedlora.protocol import CODE_FIELDS
 from fedlora.registry import DATASETS, Option
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ class DatasetSource:
     path: str = "no"  # "no": data.path unused; "required": the file to read; "optional": a file may replace it
     loader: str | None = None
     classification_twin: str | None = None  # the classification dataset a -gen dataset rephrases
+    record_fields: tuple[str, ...] = ()  # extra fields of its round records (fedlora.protocol.RECORD_FIELDS)
     options: tuple[Option, ...] = ()
     needs: frozenset[str] = field(default_factory=frozenset)
     provides: frozenset[str] = field(default_factory=frozenset)
@@ -58,7 +60,8 @@ for _source in (
                   classification_twin="bbc-news"),
     DatasetSource("math-word", "seeded grade-school word problems, GSM8K format, final-number match (or your "
                   "GSM8K-format JSONL in data.path)", "generation", path="optional"),
-    DatasetSource("python-functions", "stdlib functions from signature + docstring; HumanEval pass@1", "generation"),
+    DatasetSource("python-functions", "stdlib functions from signature + docstring; HumanEval pass@1", "generation",
+                  record_fields=CODE_FIELDS),
     DatasetSource("csv", "your CSV file (data.path, data.text_column, data.label_column or prompt/response)",
                   "either", path="required"),
     DatasetSource("jsonl", "your JSON Lines file (as csv)", "either", path="required"),

@@ -8,7 +8,8 @@ functions that compute, and only for type checking at module level.
 from __future__ import annotations
 
 from fedlora.errors import ConfigError
-from fedlora.methods.base import Broadcast, Method, Upload
+from fedlora.methods.base import Method
+from fedlora.protocol import Broadcast, RoundPlan, Upload
 from fedlora.methods.fedex import FedExLoRA
 from fedlora.methods.fedit import FedIT
 from fedlora.methods.fedsa import FedSALoRA
@@ -29,4 +30,4 @@ def get_method(name: str) -> type[Method]:
     return cls
 
 
-__all__ = ["Broadcast", "METHODS", "Method", "Upload", "get_method", "register"]
+__all__ = ["Broadcast", "METHODS", "Method", "RoundPlan", "Upload", "get_method", "register"]

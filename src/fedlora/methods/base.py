@@ -7,67 +7,16 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 from fedlora.config import Config
+from fedlora.protocol import BaseUpdate, Broadcast, RoundPlan, Upload
 from fedlora.registry import Option
 
 if TYPE_CHECKING:  # torch, peft and the maths load when a method first computes, not when it is listed
     import torch
 
-    from fedlora.adapters import AdapterInfo, LayerMeta, State
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One client's message to the server."""
-
-    client: int
-    payload: Mapping[str, torch.Tensor]
-    num_examples: int
-    meta: Mapping[str, Any] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        from fedlora.adapters import nbytes
-
-        return nbytes(self.payload)
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """What clients do in one round, as the method plans it: the adapter keys they do not train (``frozen``) and
-    the keys they upload (``upload``; the server validates every upload against exactly these)."""
-
-    frozen: tuple[str, ...]
-    upload: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Broadcast:
-    """The server's message to every client after a round.
-
-    ``payload`` holds adapter tensors (saved names) that replace the client's; ``base_update`` holds deltas
-    to add to frozen base weights, keyed by the base parameter's name and in its own orientation (FedEx's
-    residual, FLoRA's merge); ``reset_adapter`` tells clients to start the next round from a fresh adapter.
-    """
-
-    payload: Mapping[str, torch.Tensor]
-    base_update: Mapping[str, torch.Tensor] = field(default_factory=dict)
-    reset_adapter: bool = False
-    stats: Mapping[str, float] = field(default_factory=dict)
-    # Bytes of base_update as sent; a method may send a smaller factored form (FedEx), so it says how much.
-    base_update_nbytes: int | None = None
-    # Set by the server: 1 for the first broadcast, then 2, 3, ... A client applies each version once.
-    version: int = 0
-
-    @property
-    def nbytes(self) -> int:
-        from fedlora.adapters import nbytes
-
-        base = nbytes(self.base_update) if self.base_update_nbytes is None else self.base_update_nbytes
-        return nbytes(self.payload) + base
+    from fedlora.adapters.core import AdapterInfo, LayerMeta, State
 
 
 class Method(ABC):
@@ -208,35 +157,16 @@ def factors(uploads: Sequence[Upload], a_key: str, b_key: str,
     return side(b_key), side(a_key)
 
 
-def base_delta(meta: LayerMeta, P: torch.Tensor, Q: torch.Tensor) -> dict[str, torch.Tensor]:
+def base_delta(meta: LayerMeta, P: torch.Tensor, Q: torch.Tensor) -> BaseUpdate:
     """The update s·P·Q of a base weight, in that weight's own orientation, in the cheaper of two forms: the dense
-    matrix (key ``name``) or the factors (keys ``name@P``, ``name@Q``, whose product is the dense matrix)."""
+    matrix, or the factors (sP, Q) whose product is the dense matrix."""
     d, k, c = P.shape[0], Q.shape[1], P.shape[1]
     if c * (d + k) < d * k:
         if meta.transposed:  # Conv1D stores in×out: (sPQ)ᵀ = Qᵀ·(sPᵀ)
-            return {f"{meta.base_param}@P": Q.T.contiguous(), f"{meta.base_param}@Q": (meta.scaling * P.T).contiguous()}
-        return {f"{meta.base_param}@P": (meta.scaling * P).contiguous(), f"{meta.base_param}@Q": Q.contiguous()}
+            return BaseUpdate(factored={meta.base_param: (Q.T.contiguous(), (meta.scaling * P.T).contiguous())})
+        return BaseUpdate(factored={meta.base_param: ((meta.scaling * P).contiguous(), Q.contiguous())})
     dense = meta.scaling * (P @ Q)
-    return {meta.base_param: (dense.T if meta.transposed else dense).contiguous()}
-
-
-def base_params(base_update: Mapping[str, torch.Tensor]) -> list[str]:
-    """The base parameters a base update changes (its keys without the ``@P`` / ``@Q`` of factored entries)."""
-    return sorted({k[:-2] if k.endswith(("@P", "@Q")) else k for k in base_update})
-
-
-def materialize(base_update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Dense deltas from a base update that may hold factored entries (``name@P``, ``name@Q``)."""
-    out = {}
-    for key, value in base_update.items():
-        if key.endswith("@Q"):
-            continue
-        if key.endswith("@P"):
-            name = key[:-2]
-            out[name] = value @ base_update[f"{name}@Q"]
-        else:
-            out[key] = value
-    return out
+    return BaseUpdate(dense={meta.base_param: (dense.T if meta.transposed else dense).contiguous()})
 
 
 def fresh_lora(state: Mapping[str, torch.Tensor], keys: Sequence[str], seed: int, version: int) -> dict[str, torch.Tensor]:

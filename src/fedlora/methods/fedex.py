@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from fedlora.methods.base import Broadcast, Method, Upload, base_delta
+from fedlora.methods.base import Method, base_delta
+from fedlora.protocol import BaseUpdate, Broadcast, Upload
 
 if TYPE_CHECKING:
     import torch
@@ -33,12 +34,12 @@ class FedExLoRA(Method):
 
         w = self.weights(uploads)
         payload = self.average(uploads, self.shared_keys())
-        base_update: dict[str, torch.Tensor] = {}
+        base_update = BaseUpdate()
         delivered: dict[str, torch.Tensor] = {}
         for layer, a_key, b_key, Bs, As in self.layer_factors(uploads):
             _, _, P, Q = F.fedex_residual_factors(Bs, As, w)
             if P.shape[1]:  # one client (or one of positive weight): B̄Ā is already exact
-                base_update.update(base_delta(self.info.layers[layer], P, Q))
+                base_update |= base_delta(self.info.layers[layer], P, Q)
             # what the clients' models now hold for this layer: B̄Ā + PQ = [B̄, P]·[Ā; Q]
             delivered[b_key] = torch.cat([payload[b_key], P], dim=1)
             delivered[a_key] = torch.cat([payload[a_key], Q], dim=0)

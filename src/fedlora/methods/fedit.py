@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from fedlora.methods.base import Broadcast, Method, Upload
+from fedlora.methods.base import Method
+from fedlora.protocol import Broadcast, Upload
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping, Sequence
 
-from fedlora.methods.base import Broadcast, Method, Upload, base_delta
+from fedlora.methods.base import Method, base_delta
+from fedlora.protocol import BaseUpdate, Broadcast, Upload
 
 if TYPE_CHECKING:
     import torch
@@ -57,11 +58,11 @@ class FLoRA(Method):
         uploads = self.rescaled(uploads)
         w = self.weights(uploads)
         payload = self.average(uploads, self.head_keys())
-        base_update: dict[str, torch.Tensor] = {}
+        base_update = BaseUpdate()
         delivered: dict[str, torch.Tensor] = {}
         for layer, a_key, b_key, Bs, As in self.layer_factors(uploads):
             B, A = F.flora_stack(Bs, As, w)
-            base_update.update(base_delta(self.info.layers[layer], B, A))
+            base_update |= base_delta(self.info.layers[layer], B, A)
             delivered[b_key], delivered[a_key] = B, A
         return Broadcast(payload=payload, base_update=base_update, reset_adapter=True,
                          stats=self.agg_error(uploads, delivered, global_state))

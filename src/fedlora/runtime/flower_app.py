@@ -1,7 +1,7 @@
 """fedlora as a Flower app: a ServerApp that runs the round loop, a ClientApp that runs one client.
 
 Both sides call the code the embedded runtime calls: the ServerApp builds the experiment, the
-:class:`~fedlora.server.Server` (``simulation.make_server``) and hands ``run_rounds`` a
+:class:`~fedlora.server.Server` (``driver.make_server``) and hands ``run_rounds`` a
 :class:`~fedlora.runtime.flower_transport.FlowerTransport`; the ClientApp restores a
 :class:`~fedlora.client.ClientNode` and calls ``receive`` / ``fit`` / ``evaluate``. No rule is written here.
 
@@ -59,13 +59,13 @@ from fedlora.client import ClientData, ClientNode
 from fedlora.config import Config
 from fedlora.errors import FedloraError
 from fedlora.experiment import Experiment, build
-from fedlora.methods.base import base_params
 from fedlora.report import RunDir, save_adapter
 from fedlora.runtime import flower_codec as codec
 from fedlora.runtime.flower_state import default_state_dir, load_snapshot, needed_round, save_snapshot
 from fedlora.runtime.flower_transport import FlowerTransport, discover
 from fedlora.runtime.loop import run_rounds, summarize
-from fedlora.runtime.simulation import apply_base_update, make_server
+from fedlora.runtime.observers import standard
+from fedlora.runtime.driver import apply_base_update, make_server
 
 APP_DIR = Path(__file__).with_name("flwrapp")  # the Flower app config (pyproject.toml) for `flwr run`
 STATE, META, BASE = "fedlora.state", "fedlora.meta", "fedlora.base"  # context.state records (node-local)
@@ -145,7 +145,7 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     def on_broadcast(b: Any) -> None:
         if b.base_update:
             apply_base_update(exp.model, b.base_update)
-            changed.update(base_params(b.base_update))
+            changed.update(b.base_update.params())
 
     transport = FlowerTransport(grid, server, nodes, lambda s: exp.trainer.evaluate(s, exp.split.global_test),
                                 on_broadcast, round_timeout=cfg.train.round_timeout, poll=poll, log=log)
@@ -158,18 +158,22 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     seen = {"down": transport.wire_down, "up": transport.wire_up}
 
     config_dict = cfg.to_dict()
+    observers = standard(False, cfg.train.rounds, first_round - 1, "flower")  # the launcher shows progress
+    out.on_event = observers.event
 
     def on_record(record: dict[str, Any]) -> None:
         from fedlora.checkpoint import save_checkpoint
 
         records.append(record)
         out.append_metrics(record)
+        observers.event("metrics", record["round"])
         params = dict(exp.model.named_parameters())
         # The server's state after the round, atomically, as the embedded runtime writes it; the clients' states
         # are on their nodes (flower_state), so none is stored here.
         save_checkpoint(out.path / "checkpoint", record["round"], server, {}, {},
                         {n: params[n].detach() for n in sorted(changed)}, records,
-                        elapsed_before + time.perf_counter() - start, config=config_dict)
+                        elapsed_before + time.perf_counter() - start, config=config_dict,
+                        on_event=observers.event)
         wire_log({"round": record["round"], "seconds": record["seconds"], "bytes_up": record["bytes_up"],
                   "bytes_down": record["bytes_down"], "wire_bytes_up": transport.wire_up - seen["up"],
                   "wire_bytes_down": transport.wire_down - seen["down"]})
@@ -178,10 +182,10 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
               f"{[m['client'] for m in record['missing']]}; failed: {record['failed']}", flush=True)
 
     run_rounds(server, loop_transport, cfg, exp.split.global_test, on_record=on_record, start_round=first_round,
-               progress=False, evaluate_initial=not records)
+               evaluate_initial=not records, on_event=observers.event)
     summary = summarize(records, elapsed_before + time.perf_counter() - start)
     if loop_transport is not transport:
-        from fedlora.runtime.simulation import injected_from
+        from fedlora.runtime.driver import injected_from
 
         summary["faults_injected"] = injected_from(records, loop_transport)
     transport.round = records[-1]["round"] if records else 0  # the round the nodes' final state is after
@@ -221,7 +225,7 @@ class _Setup:
 
     def apply_base(self, update: Any) -> None:
         params = dict(self.exp.model.named_parameters())
-        for name in base_params(update):  # FedEx / FLoRA may send factored entries (name@P, name@Q)
+        for name in update.params():
             self.originals.setdefault(name, params[name].detach().clone())
         self.owner = None  # until the message completes and is persisted
         apply_base_update(self.exp.model, update)

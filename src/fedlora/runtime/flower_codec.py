@@ -24,7 +24,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedlora.errors import FedloraError
-from fedlora.methods import Broadcast, Upload
+from fedlora.protocol import BaseUpdate, Broadcast, Upload
 
 HEADER = "fedlora"
 _SCALARS = (bool, int, float, str)
@@ -56,6 +56,8 @@ def put_broadcasts(content: RecordDict, broadcasts: Sequence[Broadcast]) -> None
                 continue
             if isinstance(value, _SCALARS):
                 meta[f.name] = value
+            elif isinstance(value, BaseUpdate):  # its one flat layout (fedlora.protocol)
+                content[f"b{i}.{f.name}"] = to_arrays(value.to_tensors())
             elif _is_tensor_map(value):
                 content[f"b{i}.{f.name}"] = to_arrays(value)
             elif isinstance(value, Mapping):  # stats: name → number
@@ -68,6 +70,7 @@ def put_broadcasts(content: RecordDict, broadcasts: Sequence[Broadcast]) -> None
 def get_broadcasts(content: RecordDict) -> list[Broadcast]:
     count = int(content[HEADER]["broadcasts"])
     known = {f.name for f in dataclasses.fields(Broadcast)}
+    typed = {f.name for f in dataclasses.fields(Broadcast) if f.default_factory is BaseUpdate}  # type: ignore[comparison-overlap]
     out = []
     for i in range(count):
         kwargs: dict[str, Any] = dict(content[f"b{i}.meta"])
@@ -77,6 +80,8 @@ def get_broadcasts(content: RecordDict) -> list[Broadcast]:
                 continue
             field = name[len(prefix):]
             kwargs[field] = from_arrays(record) if isinstance(record, ArrayRecord) else dict(record)
+            if field in typed:
+                kwargs[field] = BaseUpdate.from_tensors(kwargs[field])
         unknown = set(kwargs) - known
         if unknown:
             raise FedloraError(f"broadcast fields {sorted(unknown)} are unknown to this fedlora version: run the "

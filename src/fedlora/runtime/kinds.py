@@ -31,7 +31,7 @@ class Simulation:
 class Flower:
     name = "flower"
     description = "Flower deployment engine: a SuperLink and one SuperNode per client on 127.0.0.1 (docs/flower.md)"
-    resumable = False
+    resumable = True  # the ServerApp checkpoints the server; every SuperNode files its client's state
 
     def run(self, config: Config, out: RunDir | None, progress: bool = True, exp: Experiment | None = None,
             resume: bool = False) -> dict[str, Any]:
@@ -40,10 +40,11 @@ class Flower:
 
         if out is None:
             raise FedloraError("runtime.kind = 'flower' writes its results through a run directory: give out=")
-        if resume:
-            raise FedloraError("--resume is not available with runtime.kind = 'flower': the clients' state lives on "
-                               "their SuperNodes, which end with the run")
-        return run_local(config, out, progress=progress)
+        if exp is not None:
+            raise FedloraError("runtime.kind = 'flower' builds the experiment in its ServerApp and on every "
+                               "SuperNode; do not pass exp=")
+        summary: dict[str, Any] = run_local(config, out, progress=progress, resume=resume)
+        return summary
 
 
 RUNTIMES.register(Simulation())

@@ -19,10 +19,11 @@ from typing import Any, Callable, Collection, Mapping, Protocol, Sequence
 import numpy as np
 
 from fedlora.adapters import State
-from fedlora.checkpoint import maybe_kill
 from fedlora.config import Config
 from fedlora.errors import ClientFailure, RoundFailed, UpdateRejected
-from fedlora.methods import Broadcast, Upload
+from fedlora.protocol import CODE_FIELDS, EVAL_FIELDS, GEN_FIELDS, Broadcast, Upload
+from fedlora.registry import DATASETS
+from fedlora.runtime.observers import Event
 from fedlora.server import Server, weighted_mean_metric
 
 
@@ -36,13 +37,6 @@ class Transport(Protocol):
     def on_broadcast(self, broadcast: Broadcast) -> None: ...
 
 
-EVAL_FIELDS = ("acc_global", "f1_global", "loss_global", "acc_personal_mean", "acc_personal_weighted",
-               "f1_personal_mean", "clients")
-# Generation tasks only (their evaluation reports a response perplexity); classification records lack them.
-GEN_FIELDS = ("ppl_global", "ppl_personal_mean")
-# Code generation (python-functions) only: HumanEval pass@1 of the global model, the mean over the clients' own
-# models, and each client's.
-CODE_FIELDS = ("pass_at_1_global", "pass_at_1_personal_mean", "pass_at_1_clients")
 # Privacy (fedlora.privacy, privacy.dp / privacy.dp_sgd only): cumulative epsilon at delta after the round.
 PRIVACY_FIELDS = ("epsilon", "delta", "epsilon_sgd", "epsilon_sgd_clients")
 
@@ -51,9 +45,14 @@ def _num(x: float | None) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
+def _no_event(point: str, round_: int) -> None:
+    pass
+
+
 def run_round(server: Server, transport: Transport, config: Config, round_: int, global_test: np.ndarray,
-              evaluate: bool) -> dict[str, Any]:
-    """One round: train the sampled clients, validate, aggregate, broadcast, evaluate. Returns its record."""
+              evaluate: bool, on_event: Event = _no_event) -> dict[str, Any]:
+    """One round: train the sampled clients, validate, aggregate, broadcast, evaluate. Returns its record.
+    ``on_event`` hears the points ``fit`` (an upload arrived) and ``aggregate`` (the broadcast exists)."""
     t0 = time.perf_counter()
     chosen = server.sample(round_)
     uploads: list[Upload] = []
@@ -69,7 +68,7 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
             missing.append({"client": c, "reason": str(e)})
             continue
         server.mark_synced(c)
-        maybe_kill("fit", round_)
+        on_event("fit", round_)
         bytes_up += upload.nbytes
         try:
             server.validate(upload, round_)
@@ -86,7 +85,7 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
     try:
         broadcast = server.aggregate(uploads)
         transport.on_broadcast(broadcast)
-        maybe_kill("aggregate", round_)
+        on_event("aggregate", round_)
         stats = broadcast.stats
     except RoundFailed as e:
         failed = str(e)
@@ -109,8 +108,8 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
         protocol, bytes_eval_sync = evaluate_all(server, transport, record, missing, took_part)
         bytes_down += protocol
     else:  # every record has the same keys; a round without evaluation has null accuracies
-        record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ())
-                                    + (CODE_FIELDS if config.data.dataset == "python-functions" else ())))
+        extra = DATASETS.lookup(config.data.dataset).record_fields  # e.g. HumanEval's pass@1 for code generation
+        record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ()) + extra))
     record["bytes_up"] = bytes_up
     record["bytes_down"] = bytes_down
     record["bytes_eval_sync"] = bytes_eval_sync
@@ -178,27 +177,22 @@ def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
 
 def run_rounds(server: Server, transport: Transport, config: Config, global_test: np.ndarray,
                on_record: Callable[[dict[str, Any]], None], start_round: int = 1,
-               progress: bool = True, evaluate_initial: bool = True) -> list[dict[str, Any]]:
-    """Rounds ``start_round..train.rounds``; ``on_record`` receives each round's record as soon as it exists.
+               evaluate_initial: bool = True, on_event: Event = _no_event) -> list[dict[str, Any]]:
+    """Rounds ``start_round..train.rounds``; ``on_record`` receives each round's record as soon as it exists,
+    ``on_event`` the points inside a round (observers: progress bars, kill switches; fedlora.runtime.observers).
 
     Round 0 (the evaluation before training, with ``train.eval_initial``) is run when ``start_round`` is 1 and
     ``evaluate_initial`` is true; a resumed run whose round 0 is already recorded passes False."""
-    from tqdm.auto import tqdm
-
     t = config.train
     records = []
     if start_round == 1 and evaluate_initial and t.eval_initial:
         records.append(initial_record(server, transport))
         on_record(records[-1])
-    bar = tqdm(range(start_round, t.rounds + 1), desc=f"{config.method.name}/{config.adapter.kind}",
-               unit="round", disable=not progress, leave=True, dynamic_ncols=True)
-    for r in bar:
+    for r in range(start_round, t.rounds + 1):
         record = run_round(server, transport, config, r, global_test,
-                           evaluate=(r % t.eval_every == 0 or r == t.rounds))
+                           evaluate=(r % t.eval_every == 0 or r == t.rounds), on_event=on_event)
         records.append(record)
         on_record(record)
-        shown = {"loss": record["train_loss"], "acc": record.get("acc_personal_mean")}
-        bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
     return records
 
 

@@ -15,23 +15,16 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from fedlora.adapters import State
-from fedlora.checkpoint import has_checkpoint, load_checkpoint, maybe_kill, save_checkpoint
+from fedlora.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from fedlora.faults import FaultyTransport
 from fedlora.config import Config
 from fedlora.experiment import Experiment, build
 from fedlora.methods import Broadcast, Upload
-from fedlora.methods.base import base_params, materialize
+from fedlora.runtime.driver import apply_base_update, injected_from, make_server
 from fedlora.report import RunDir
 from fedlora.runtime.loop import run_rounds, summarize
+from fedlora.runtime.observers import standard
 from fedlora.server import Server
-
-
-def apply_base_update(model: torch.nn.Module, update: Mapping[str, torch.Tensor]) -> None:
-    """Add each delta to the base parameter of the same name (in that parameter's own orientation)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, delta in materialize(update).items():
-            params[name].add_(delta.to(params[name].device, params[name].dtype))
 
 
 class EmbeddedTransport:
@@ -59,7 +52,7 @@ class EmbeddedTransport:
     def on_broadcast(self, broadcast: Broadcast) -> None:
         if broadcast.base_update:
             apply_base_update(self.exp.model, broadcast.base_update)
-            self.touched.update(base_params(broadcast.base_update))
+            self.touched.update(broadcast.base_update.params())
 
     def changed_base(self) -> dict[str, torch.Tensor]:
         """Current values of the base weights that broadcasts changed (for checkpoints)."""
@@ -77,13 +70,6 @@ class EmbeddedTransport:
             for name, value in base.items():
                 params[name].copy_(value)
         self.touched.update(base)
-
-
-def make_server(exp: Experiment) -> Server:
-    t = exp.config.train
-    return Server(exp.method, exp.init_state, len(exp.clients), exp.config.clients_per_round, t.min_clients,
-                  t.seed, exp.fingerprint, t.max_update_norm_ratio,
-                  client_adapters=[exp.client_adapters[c.client_id] for c in exp.clients], init_states=exp.init_states)
 
 
 def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: Experiment | None = None,
@@ -116,20 +102,28 @@ def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: E
                 # round 0; either way metrics.jsonl holds exactly the checkpointed records from here on.
                 out.rewrite_metrics(records)
         config_dict = exp.config.to_dict()
+        observers = standard(progress, t.rounds, first_round - 1, f"{exp.config.method.name}/{exp.config.adapter.kind}")
+        if out is not None:
+            out.on_event = observers.event
 
         def on_record(record: dict[str, Any]) -> None:
             records.append(record)
+            observers.record(record)
             if out is None:
                 return
             out.append_metrics(record)
-            maybe_kill("metrics", record["round"])
+            observers.event("metrics", record["round"])
             save_checkpoint(out.path / "checkpoint", record["round"], server,
                             {i: n.state for i, n in enumerate(embedded.nodes)},
                             {i: n.version for i, n in enumerate(embedded.nodes)}, embedded.changed_base(), records,
-                            elapsed_before + time.perf_counter() - start, config=config_dict)
+                            elapsed_before + time.perf_counter() - start, config=config_dict,
+                            on_event=observers.event)
 
-        run_rounds(server, transport, exp.config, exp.split.global_test, on_record=on_record,
-                   start_round=first_round, progress=progress, evaluate_initial=not records)
+        try:
+            run_rounds(server, transport, exp.config, exp.split.global_test, on_record=on_record,
+                       start_round=first_round, evaluate_initial=not records, on_event=observers.event)
+        finally:
+            observers.close()
         summary = summarize(records, elapsed_before + time.perf_counter() - start)
         if isinstance(transport, FaultyTransport):
             summary["faults_injected"] = injected_from(records, transport)
@@ -141,21 +135,3 @@ def run(config: Config, out: RunDir | None = None, progress: bool = True, exp: E
         if out is not None:
             out.close()
     return summary
-
-
-def injected_from(records: list[dict[str, Any]], transport: FaultyTransport) -> dict[str, int]:
-    """Faults injected over the whole run, recomputed from the seeded draws (so a resumed run counts all)."""
-    from fedlora.faults import KINDS, draw
-
-    counts = dict.fromkeys(KINDS, 0)
-    cfg = transport.cfg
-    for r in records:
-        if r["round"] == 0:
-            continue
-        chosen = r["participants"] + [m["client"] for m in r["rejected"]] + [
-            m["client"] for m in r["missing"] if not m["reason"].startswith("evaluation")]
-        for c in chosen:
-            d = draw(cfg, r["round"], c)
-            for k in KINDS:
-                counts[k] += int(getattr(d, k) and not (k != "crash" and d.crash))
-    return counts
