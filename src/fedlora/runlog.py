@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from fedlora.errors import FedloraError
+from fedlora.protocol import RECORD_FIELDS
 from fedlora.report import RunDir
 
 if TYPE_CHECKING:
@@ -17,18 +18,9 @@ if TYPE_CHECKING:
 
 TENSORBOARD_INSTALL = "pip install 'fedlora[tensorboard]' (or: pip install tensorboard)"
 
-# record key -> TensorBoard tag; bytes are logged cumulatively so that curves can be read against traffic.
-_SCALARS = {
-    "acc_personal_mean": "accuracy/personal_mean",
-    "acc_personal_weighted": "accuracy/personal_weighted",
-    "acc_global": "accuracy/global",
-    "f1_personal_mean": "f1/personal_mean",
-    "f1_global": "f1/global",
-    "loss_global": "loss/global",
-    "train_loss": "loss/train",
-    "agg_error": "aggregation/error",
-    "seconds": "time/round_seconds",
-}
+# record key -> TensorBoard tag, as declared with the record's fields (fedlora.protocol.RECORD_FIELDS); bytes are
+# logged cumulatively so that curves can be read against traffic.
+_SCALARS = {name: f.tensorboard for name, f in RECORD_FIELDS.items() if f.tensorboard is not None}
 
 
 class Observer(Protocol):
