@@ -137,7 +137,10 @@ def claim3(settings: Sequence[Any], groups: Mapping[str, Sequence[Group]]) -> Ve
         results += [lower, at_least]
         a, b = _per_seed(na, "acc_global"), _per_seed(fedit, "acc_global")
         common = sorted(k for k in a.keys() & b.keys() if a[k] is not None and b[k] is not None)
-        fmt = (lambda x: "not logged" if x is None else f"{x:.3g}")
+
+        def fmt(x: float | None) -> str:
+            return "not logged" if x is None else f"{x:.3g}"
+
         word = {True: "yes", False: "**no**", None: "—"}
         first = f"{fmt(_round1_error(fedit))}, {fmt(_round1_error(na))}"
         lines.append(f"| {s.name} | {fmt(ef)} | {fmt(en)} | {word[lower]} | {first} | {_pct(*fedit.stats['global_acc'])} | "

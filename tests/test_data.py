@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 from fedlora.config import DataConfig
 from fedlora.data import ClientSplit, FederatedSplit, TextDataset, load_dataset, split_federated
-from fedlora.data import datasets as datasets_module
 from fedlora.data.partition import dirichlet, iid, pathological, stage_rng, stratified_subsample
 from fedlora.data.tokenize import Encoded, collate, encode
 from fedlora.errors import DataError

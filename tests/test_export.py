@@ -204,7 +204,6 @@ def test_a_private_head_means_no_global_model_to_export(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------- the FLoRA-NA paper's estimator
-import math  # noqa: E402
 
 from fedlora import functional as F  # noqa: E402
 from fedlora.errors import ConfigError  # noqa: E402

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 from fedlora import config as cfgmod
 from fedlora.config import Config
 from fedlora.registry import ADAPTERS, RUNTIMES
-from fedlora.errors import ConfigError, FedloraError
+from fedlora.errors import ConfigError
 from fedlora.storage import atomic_write, check_output_dir
 
 Echo = Callable[[str], None]

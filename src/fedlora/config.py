@@ -323,10 +323,9 @@ class Config:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
-        a, m, d, t = self.adapter, self.method, self.data, self.train
+        a, d, t = self.adapter, self.data, self.train
         if isinstance(a.rank, tuple):
-            # Per-client ranks: FLoRA stacks factors of any rank; the rules that average or combine factors
-            # elementwise need one shape everywhere.
+            # Per-client ranks (which methods take them is the registry's rule): one rank per client.
             if len(a.rank) != d.num_clients:
                 raise ConfigError(f"adapter.rank has {len(a.rank)} entries but data.num_clients = {d.num_clients}; "
                                   "give one rank per client, or one integer for all")

@@ -147,7 +147,9 @@ def extract(root: str) -> tuple[Function, ...]:
 def held_out_modules(modules: list[str], sizes: dict[str, int], fraction: float, seed: int) -> set[str]:
     """Whole modules, in an order drawn from ``seed``, until they hold ``fraction`` of the examples."""
     # Order by a seeded hash of the name: stable whatever the set of modules, unlike a permutation of a list.
-    key = lambda m: hashlib.blake2b(f"{seed}:{m}".encode(), digest_size=8).digest()
+    def key(m: str) -> bytes:
+        return hashlib.blake2b(f"{seed}:{m}".encode(), digest_size=8).digest()
+
     target, total, chosen = fraction * sum(sizes.values()), 0, set()
     for m in sorted(modules, key=key):
         if total >= target:

@@ -7,7 +7,6 @@ functions that compute, and only for type checking at module level.
 
 from __future__ import annotations
 
-from fedlora.errors import ConfigError
 from fedlora.methods.base import Method
 from fedlora.protocol import Broadcast, RoundPlan, Upload
 from fedlora.methods.fedex import FedExLoRA

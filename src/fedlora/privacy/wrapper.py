@@ -112,7 +112,6 @@ class PrivateMethod(Method):
         Σ clip(Δ_u) / E[m], then N(0, (z·C / E[m])²) is added to each averaged tensor."""
         if self.privacy.dp != "central":
             return self.inner.aggregate(uploads, global_state)
-        import torch
 
         p = self.privacy
         # the keys of this round's plan (the server checked that every upload has exactly them)

@@ -94,7 +94,7 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
     losses = [float(u.meta.get("train_loss", math.nan)) for u in uploads]
     record: dict[str, Any] = {
         "round": round_,
-        "train_loss": _num(sum(l * u.num_examples for l, u in zip(losses, uploads)) / n) if n else None,
+        "train_loss": _num(sum(loss * u.num_examples for loss, u in zip(losses, uploads)) / n) if n else None,
         "participants": [u.client for u in uploads],
         "rejected": rejected,
         "missing": missing,

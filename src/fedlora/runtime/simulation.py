@@ -24,7 +24,6 @@ from fedlora.runtime.driver import apply_base_update, injected_from, make_server
 from fedlora.report import RunDir
 from fedlora.runtime.loop import run_rounds, summarize
 from fedlora.runtime.observers import standard
-from fedlora.server import Server
 
 
 class EmbeddedTransport:
