@@ -116,10 +116,13 @@ def _flatten(raw: dict[str, dict[str, object]]) -> dict[str, object]:
 
 def check_same_config(path: Path, config: Config) -> None:
     """Refuse to reuse a complete run made with other settings. Keys only one side has (a newer fedlora added
-    a key with its default) are not differences."""
+    a key with its default) and keys left to "auto" are not differences."""
     have = _flatten(tomllib.loads((path / "config.toml").read_text(encoding="utf-8")))
     want = _flatten(tomllib.loads(cfgmod.dumps(config)))
-    diffs = [f"{k}: {have[k]!r} there, {want[k]!r} now" for k in sorted(have.keys() & want.keys()) if have[k] != want[k]]
+    # "auto" (train.dtype, train.attention) is resolved for the machine when the run is built, and the run's
+    # config.toml records the result: any resolved value matches it.
+    diffs = [f"{k}: {have[k]!r} there, {want[k]!r} now" for k in sorted(have.keys() & want.keys())
+             if have[k] != want[k] and want[k] != "auto"]
     if diffs:
         raise ConfigError(f"{str(path)!r} is a finished run with a different configuration ({'; '.join(diffs[:3])}); "
                           "use another --out, or delete that run directory to redo it")
