@@ -343,9 +343,9 @@ def resolve_attention(name: str, device: torch.device, dtype: str) -> str:
 
     - CPU, bf16: "eager". PyTorch's SDPA has a slow bf16 backward on CPU: on a 2-core AMX machine it took about
       half of a 245 ms step, where the eager step takes 100 ms (issue 15).
-    - CPU, float32: "sdpa", the default before issue 15. On the 2-core AVX2 machine eager measured 10-16% faster
-      (4 of 5 alternating pairs, on a heavily loaded machine); switching would change the default demo's
-      numerics and its published figures, so it waits for a measurement on idle cores.
+    - CPU, float32: "sdpa", the default before issue 15. On the 2-core AVX2 machine (heavily loaded) eager was
+      10-16% faster for minilm (4 of 5 alternating pairs) but sdpa 30% faster for SmolLM2 (118 s vs 169 s per
+      step); switching minilm would also change the default demo's numerics and published figures.
     - CUDA: "sdpa" (fused attention kernels).
     """
     if name != "auto":
