@@ -26,6 +26,7 @@ TINY = (
     "train.max_length=24",
     "train.threads=1",
     "adapter.rank=4",
+    "train.dtype=float32",  # exact comparisons in the tests; "auto" would pick bf16 on a machine with bf16 units
 )
 
 

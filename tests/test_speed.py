@@ -77,7 +77,7 @@ def test_resolved_dtype_and_attention_are_written_to_config_toml(tmp_path) -> No
     from fedlora.report import RunDir
     from fedlora.runtime import simulation
 
-    simulation.run(tiny_config("train.rounds=1"), RunDir(tmp_path / "run"), progress=False)
+    simulation.run(tiny_config("train.rounds=1", "train.dtype=auto"), RunDir(tmp_path / "run"), progress=False)
     saved = config.load(tmp_path / "run" / "config.toml")
     assert saved.train.dtype == models.resolve_dtype("auto", torch.device("cpu"))  # never "auto" in a run
     assert saved.train.attention == models.resolve_attention("auto", torch.device("cpu"), saved.train.dtype)
