@@ -116,7 +116,7 @@ def test_each_name_is_a_string_literal_in_its_plugin_and_at_most_one_other_file(
     files = sorted((ROOT / "src" / "fedlora").rglob("*.py"))
     # __all__ lists function names (functional.fedit), not plugin names
     texts = {f: re.sub(r"__all__ = \[.*?\]", "", f.read_text(encoding="utf-8"), flags=re.S) for f in files}
-    for reg in (registry.METHODS, registry.ADAPTERS):
+    for reg in (registry.METHODS, registry.ADAPTERS, registry.DATASETS):
         for name in reg.names():
             holders = [f.relative_to(ROOT) for f, t in texts.items()
                        if re.search(rf"""(?<![\w-])["']{re.escape(name)}["']""", t)]

@@ -33,7 +33,8 @@ from fedlora.storage import StorageError, atomic_write, describe_os_error
 
 FILE = "state.safetensors"
 PREVIOUS = "previous.safetensors"
-FORMAT = 2
+# 3: base updates stored in BaseUpdate's flat layout (fedlora.protocol); 2: "name@P"/"name@Q" keys; 1: no checksum.
+FORMAT = 3
 
 
 class CheckpointDamaged(FedloraError):
@@ -141,7 +142,9 @@ def read_checkpoint(directory: Path, name: str = FILE) -> tuple[dict[str, Any], 
     if _digest(meta_json, tensors) != stored:
         raise CheckpointDamaged(f"checkpoint {str(path)!r} is damaged: its checksum does not match its content{hint}")
     if meta.get("format") != FORMAT:
-        raise CheckpointDamaged(f"checkpoint {str(path)!r} has format {meta.get('format')}, expected {FORMAT}")
+        raise CheckpointDamaged(f"checkpoint {str(path)!r} has format {meta.get('format')}, this fedlora reads format "
+                                f"{FORMAT}: it was written by an older version; finish the run with that version, or "
+                                "start it again with --overwrite")
     return meta, tensors
 
 

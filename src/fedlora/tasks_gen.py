@@ -19,7 +19,7 @@ padding does not shift positions.
 * ``samples``: :data:`SAMPLES_PER_EVAL` examples, evenly spaced over those given, with their generations
   (written to the run directory, not to metrics.jsonl).
 
-Generations are at most ``max_new_tokens`` long (``train.max_new_tokens``; 0: :data:`DEFAULT_MAX_NEW` for the
+Generations are at most ``max_new_tokens`` long (``train.max_new_tokens``; 0: the dataset plugin's default for the
 maths and code tasks, else the longest reference + :data:`MAX_NEW_SLACK`). :func:`build_task` picks the task of
 a config; python-functions adds HumanEval ``pass_at_1`` (:class:`fedlora.humaneval.CodeTask`).
 """
@@ -48,9 +48,6 @@ SAMPLES_PER_EVAL = 3  # sample generations kept per evaluated model per evaluati
 MAX_NEW_SLACK = 4  # tokens generated beyond the longest reference (room for trailing punctuation)
 SAMPLE_PROMPT_CHARS = 300  # the end of the prompt shown with a sample
 
-# train.max_new_tokens = 0: these tasks' defaults (GSM8K's solutions fit 256 tokens; HumanEval is usually run at
-# 512, and most bodies need under 300); every other task generates the longest reference + MAX_NEW_SLACK.
-DEFAULT_MAX_NEW = {"math-word": 256, "python-functions": 384}
 
 __all__ = ["GenerationTask", "build_task", "normalize_answer", "token_f1"]
 
@@ -203,19 +200,14 @@ class GenerationTask:
 
 
 def build_task(dataset: InstructionDataset, tokenizer: Any, config: Config, logits_to_keep: bool) -> GenerationTask:
-    """The generation task of a resolved config: tokenized once; math-word scores final numbers; python-functions
-    adds HumanEval pass@1 (:class:`fedlora.humaneval.CodeTask`)."""
+    """The generation task of a resolved config, tokenized once: the dataset plugin's own task where it declares
+    one (math-word scores final numbers; python-functions adds HumanEval pass@1), else the exact-match task; its
+    generation budget is ``train.max_new_tokens``, else the dataset's default."""
     from fedlora.data.prompts import encode_instructions
+    from fedlora.registry import DATASETS
 
+    source = DATASETS.lookup(config.data.dataset)
     encoded = encode_instructions(dataset, tokenizer, config.train.max_length)
-    max_new = config.train.max_new_tokens or DEFAULT_MAX_NEW.get(config.data.dataset, 0)
-    if config.data.dataset == "python-functions":
-        from fedlora.humaneval import CodeTask
-
-        return CodeTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new,
-                        problems=config.data.humaneval_problems, seed=config.data.seed)
-    if config.data.dataset == "math-word":
-        from fedlora.data.mathword import answers_match
-
-        return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new, match=answers_match)
-    return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new)
+    max_new = config.train.max_new_tokens or source.max_new_tokens
+    task: GenerationTask | None = source.build_task(encoded, tokenizer, logits_to_keep, max_new, config)
+    return task or GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new)

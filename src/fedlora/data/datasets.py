@@ -12,6 +12,7 @@ original order), so tokenization and everything after it only see the examples a
 from __future__ import annotations
 
 import bz2
+from typing import Any
 import csv
 import functools
 import importlib.util
@@ -124,21 +125,38 @@ def _read_bbc_news(path: str) -> Parsed:
     return texts, tuple(int(t) for t in bunch.target), tuple(bunch.target_names)
 
 
+def rotten_tomatoes(cfg: DataConfig) -> TextDataset:
+    """The bundled Rotten Tomatoes snippets (reader of its dataset plugin, fedlora.data.sources)."""
+    texts, labels, names = _read_rotten_tomatoes(str(_bundled_path(*_ROTTEN)))
+    return TextDataset(cfg.dataset, texts, np.array(labels, dtype=np.int64), names)
+
+
+def bbc_news(cfg: DataConfig) -> TextDataset:
+    """The bundled BBC News articles (reader of its dataset plugin)."""
+    texts, labels, names = _read_bbc_news(str(_bundled_path(*_BBC)))
+    return TextDataset(cfg.dataset, texts, np.array(labels, dtype=np.int64), names)
+
+
+def user_file(cfg: DataConfig) -> Any:
+    """A user's CSV or JSON Lines file (``data.path``): labelled text, or instruction data for a generation task."""
+    from fedlora.registry import DATASETS
+
+    fmt = DATASETS.lookup(cfg.dataset).file_format
+    if not cfg.path:
+        raise DataError(f"data.dataset = {cfg.dataset!r} needs data.path (the file to read)")
+    if cfg.task == "generation":
+        from fedlora.data.instructions import read_instruction_file
+
+        return read_instruction_file(cfg.path, fmt, cfg)
+    texts, labels, names = read_labelled_file(cfg.path, fmt, cfg.text_column, cfg.label_column)
+    return TextDataset(Path(cfg.path).name, texts, np.array(labels, dtype=np.int64), names)
+
+
 def _load_full(cfg: DataConfig) -> TextDataset:
-    if cfg.dataset == "rotten-tomatoes":
-        texts, labels, names = _read_rotten_tomatoes(str(_bundled_path(*_ROTTEN)))
-        name = cfg.dataset
-    elif cfg.dataset == "bbc-news":
-        texts, labels, names = _read_bbc_news(str(_bundled_path(*_BBC)))
-        name = cfg.dataset
-    elif cfg.dataset in ("csv", "jsonl"):
-        if not cfg.path:
-            raise DataError(f"data.dataset = {cfg.dataset!r} needs data.path (the file to read)")
-        texts, labels, names = read_labelled_file(cfg.path, cfg.dataset, cfg.text_column, cfg.label_column)
-        name = Path(cfg.path).name
-    else:  # DataConfig validates the choice; this guards direct construction with a bad value
-        raise DataError(f"data.dataset = {cfg.dataset!r} is unknown; choose rotten-tomatoes, bbc-news, csv or jsonl")
-    return TextDataset(name, texts, np.array(labels, dtype=np.int64), names)
+    from fedlora.registry import DATASETS
+
+    dataset: TextDataset = DATASETS.lookup(cfg.dataset).read(cfg)
+    return dataset
 
 
 def load_dataset(cfg: DataConfig) -> TextDataset:

@@ -6,7 +6,7 @@ An example is an *instruction*, an optional *input* (the text the instruction is
 model must produce. The loss covers the response only; evaluation generates a response greedily and compares it
 with the reference (:mod:`fedlora.tasks_gen`).
 
-User files (``data.dataset = "csv"`` or ``"jsonl"``) are read in one of three layouts:
+User files (``data.dataset`` csv or jsonl) are read in one of three layouts:
 
 * Alpaca: ``instruction``, optional ``input``, ``output``;
 * ``prompt`` and ``response``;
@@ -21,11 +21,9 @@ which responses they hold, not in any semantic class).
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +32,7 @@ import numpy as np
 from fedlora.config import DataConfig
 from fedlora.data.datasets import _BBC, _ROTTEN, _bundled_path, _read_bbc_news, _read_rotten_tomatoes, check_labels
 from fedlora.data.partition import stratified_subsample
-from fedlora.data.userfiles import _read_text, jsonl_records
+from fedlora.data.userfiles import read_records
 from fedlora.errors import DataError
 
 MAX_RESPONSE_CLASSES = 32  # at most this many distinct responses: each is its own partition label
@@ -110,14 +108,14 @@ def partition_labels(responses: tuple[str, ...]) -> tuple[np.ndarray, tuple[str,
 # ---- bundled tasks ------------------------------------------------------------------------------------------
 
 
-def bbc_news_gen() -> InstructionDataset:
+def bbc_news_gen(cfg: DataConfig | None = None) -> InstructionDataset:
     """BBC articles → their category word (business, entertainment, politics, sports, tech)."""
     texts, labels, names = _read_bbc_news(str(_bundled_path(*_BBC)))
     return InstructionDataset("bbc-news-gen", (BBC_INSTRUCTION,) * len(texts), texts,
                               tuple(names[i] for i in labels), np.array(labels, dtype=np.int64), names)
 
 
-def rotten_tomatoes_gen() -> InstructionDataset:
+def rotten_tomatoes_gen(cfg: DataConfig | None = None) -> InstructionDataset:
     """Rotten Tomatoes review snippets → ``positive`` (fresh) or ``negative`` (rotten)."""
     texts, labels, _ = _read_rotten_tomatoes(str(_bundled_path(*_ROTTEN)))
     return InstructionDataset("rotten-tomatoes-gen", (ROTTEN_INSTRUCTION,) * len(texts), texts,
@@ -129,25 +127,6 @@ def rotten_tomatoes_gen() -> InstructionDataset:
 
 # (instruction column, input column or None, response column) of the layouts recognised without configuration.
 LAYOUTS = (("instruction", "input", "output"), ("prompt", None, "response"))
-
-
-def _records(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """(line number, record) pairs and the column names of a CSV or JSON Lines file."""
-    text = _read_text(path)
-    records: list[tuple[int, dict[str, Any]]] = []
-    if kind == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            columns = list(reader.fieldnames or [])
-            for record in reader:
-                records.append((reader.line_num, dict(record)))
-        except csv.Error as e:
-            raise DataError(f"data file {str(path)!r} is not valid CSV (line {reader.line_num}: {e})") from None
-        return records, columns
-    if kind != "jsonl":
-        raise DataError(f"unknown file kind {kind!r}; use csv or jsonl")
-    records = jsonl_records(path, text)
-    return records, sorted({k for _, r in records for k in r})
 
 
 def _layout(path: Path, columns: list[str], cfg: DataConfig) -> tuple[str, str | None, str]:
@@ -180,7 +159,7 @@ def _cell(path: Path, line: int, record: dict[str, Any], column: str | None, req
 def read_instruction_file(path: str | Path, kind: str, cfg: DataConfig) -> InstructionDataset:
     """Parse a ``csv`` or ``jsonl`` file of instruction data (layouts in the module docstring)."""
     path = Path(path).expanduser()
-    records, columns = _records(path, kind)
+    records, columns = read_records(path, kind)
     if not records:
         raise DataError(f"data file {str(path)!r} has no rows")
     instruction, inp, response = _layout(path, columns, cfg)
@@ -193,31 +172,18 @@ def read_instruction_file(path: str | Path, kind: str, cfg: DataConfig) -> Instr
 
 
 def load_instruction_dataset(cfg: DataConfig) -> InstructionDataset:
-    """Load ``cfg.dataset`` as instruction data, then keep a stratified subsample of ``cfg.max_examples``
-    (same rule and seed as :func:`fedlora.data.load_dataset`)."""
-    if cfg.dataset == "bbc-news-gen":
-        dataset = bbc_news_gen()
-    elif cfg.dataset == "rotten-tomatoes-gen":
-        dataset = rotten_tomatoes_gen()
-    elif cfg.dataset in ("csv", "jsonl"):
-        if not cfg.path:
-            raise DataError(f"data.dataset = {cfg.dataset!r} needs data.path (the file to read)")
-        dataset = read_instruction_file(cfg.path, cfg.dataset, cfg)
-    elif cfg.dataset == "math-word" and cfg.path:  # the user's GSM8K-format file (a plain split below)
-        from fedlora.data.mathword import read_gsm8k
+    """Load ``cfg.dataset`` as instruction data (its plugin's reader, fedlora.data.sources), then keep a
+    stratified subsample of ``cfg.max_examples`` (same rule and seed as :func:`fedlora.data.load_dataset`) unless
+    the dataset sizes itself (generated data with its own held-out test set)."""
+    from fedlora.registry import DATASETS
 
-        dataset = read_gsm8k(cfg.path)
-    elif cfg.dataset == "math-word":  # generated at its size, with its own test problems: no subsample
-        from fedlora.data.mathword import math_word
-
-        return math_word(cfg)
-    elif cfg.dataset == "python-functions":  # sized and held out by module in its own loader
-        from fedlora.data.pyfunctions import python_functions
-
-        return python_functions(cfg)
-    else:
-        raise DataError(f"data.dataset = {cfg.dataset!r} is not instruction data; generation tasks use "
-                        "bbc-news-gen, rotten-tomatoes-gen, math-word, python-functions, csv or jsonl")
+    source = DATASETS.lookup(cfg.dataset)
+    if source.task == "classification":
+        raise DataError(f"data.dataset = {cfg.dataset!r} is not instruction data")
+    # A user file holds either kind of data: read it as instructions (the caller asked for them).
+    dataset: InstructionDataset = source.read(cfg if cfg.task == "generation" else replace(cfg, task="generation"))
+    if source.sized:
+        return dataset
     if 0 < cfg.max_examples < len(dataset):
         dataset = dataset.subset(stratified_subsample(dataset.labels, cfg.max_examples, cfg.seed))
     return dataset

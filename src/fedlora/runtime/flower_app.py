@@ -254,7 +254,10 @@ def _build_node(config: Config, cid: int, data_file: str, fmt: str) -> tuple[Exp
     # A real client: all of its own file is its data, split into its train and test sets as a partition is.
     from fedlora.data.partition import _train_test, stage_rng
 
-    fmt = fmt or ("csv" if data_file.endswith(".csv") else "jsonl")
+    if not fmt:  # the user-file dataset that reads this file name (fedlora.data.sources)
+        from fedlora.data.sources import source_for_file
+
+        fmt = source_for_file(data_file).name
     d = replace(config.data, dataset=fmt, path=data_file, num_clients=1, max_examples=0, min_examples_per_client=2)
     # With per-client ranks the node's one adapter has this client's rank (PEFT's "default" adapter here).
     a = replace(config.adapter, rank=config.adapter.rank_of(cid))
