@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -11,6 +13,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fedlora import config
 
@@ -38,3 +41,37 @@ def tiny_config(*overrides: str) -> config.Config:
 @pytest.fixture
 def tiny() -> config.Config:
     return tiny_config()
+
+
+# ---- a run that can be killed and resumed, and how two runs are compared (test_reliability, test_hardening) ---
+
+RESUMABLE = (*TINY, "train.rounds=4", "adapter.dropout=0.1", "method.name=fedit")
+
+
+def comparable(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapters_of(run: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {str(p.parent.relative_to(run)): load_file(str(p)) for p in sorted(run.glob("**/adapter_model.safetensors"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    from fedlora.report import RunDir
+    from fedlora.runtime import simulation
+
+    out = tmp_path_factory.mktemp("ref") / "run"
+    simulation.run(config.load(None, list(RESUMABLE)), RunDir(out), progress=False)
+    return out
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert comparable(a) == comparable(b)
+    ta, tb = adapters_of(a), adapters_of(b)
+    assert ta.keys() == tb.keys() and ta
+    for name in ta:
+        for key in ta[name]:
+            assert torch.equal(ta[name][key], tb[name][key]), (name, key)  # bit for bit

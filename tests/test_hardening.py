@@ -19,14 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import RESUMABLE, TINY, assert_same_run, comparable  # and the fixture reference
 from fedlora import config as cfgmod
 from fedlora.cli import EXIT_NOTHING_LEARNED, main
 from fedlora.report import RunDir
 from fedlora.runtime import simulation
 from fedlora.storage import LOCK_FILE, DirLock
 
-RESUMABLE = (*TINY, "train.rounds=4", "adapter.dropout=0.1", "method.name=fedit")
 SET = [arg for kv in RESUMABLE for arg in ("--set", kv)]
 TINY_SET = [arg for kv in TINY for arg in ("--set", kv)]
 
@@ -51,15 +50,6 @@ def refused(capsys, args: list[str], message: str, status: int = 2) -> str:
     return lines[0]
 
 
-def comparable(run: Path) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapters_of(run: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.glob("**/adapter_model.safetensors"))}
-
-
 def cli(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", *args, "--quiet"], env=env, cwd=cwd,
@@ -69,19 +59,6 @@ def cli(*args: str, env_extra: dict[str, str] | None = None, cwd: Path | None = 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
     _, err = proc.communicate(timeout=timeout)
     return proc.returncode, err
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    simulation.run(cfgmod.load(None, list(RESUMABLE)), RunDir(out), progress=False)
-    return out
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    """Row for row the same metrics (wall time aside) and bit for bit the same adapters."""
-    assert comparable(a) == comparable(b)
-    assert adapters_of(a) == adapters_of(b) and adapters_of(a)
 
 
 # ---- --overwrite removes only fedlora's own files ------------------------------------------------------------

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,47 +15,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-from conftest import TINY, tiny_config
+from conftest import RESUMABLE, TINY, assert_same_run, tiny_config
 from fedlora import config as cfgmod
 from fedlora.errors import ConfigError, UpdateRejected
 from fedlora.methods import Upload
 from fedlora.report import RunDir
 from fedlora.runtime import simulation
 
-RESUMABLE = (*TINY, "train.rounds=4", "adapter.dropout=0.1", "method.name=fedit")
 SET = [arg for kv in RESUMABLE for arg in ("--set", kv)]
-
-
-def comparable(run: Path) -> list[dict]:
-    """metrics.jsonl without the wall-clock fields."""
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapters_of(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {str(p.parent.relative_to(run)): load_file(str(p)) for p in sorted(run.glob("**/adapter_model.safetensors"))}
 
 
 def cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, **(env_extra or {})}
     return subprocess.Popen([sys.executable, "-m", "fedlora.cli", "run", *args, "--quiet"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ref") / "run"
-    simulation.run(cfgmod.load(None, list(RESUMABLE)), RunDir(out), progress=False)
-    return out
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert comparable(a) == comparable(b)
-    ta, tb = adapters_of(a), adapters_of(b)
-    assert ta.keys() == tb.keys() and ta
-    for name in ta:
-        for key in ta[name]:
-            assert torch.equal(ta[name][key], tb[name][key]), (name, key)  # bit for bit
 
 
 @pytest.mark.parametrize("point", ["fit:2", "aggregate:3", "metrics:2", "checkpoint-write:3"])
