@@ -162,7 +162,7 @@ def _origin(plugin: Any) -> str:
     return f"module {module}"
 
 
-METHODS: Registry[Any] = Registry("method", "method", "name", ("fedlora.methods",))
+METHODS: Registry[Any] = Registry("method", "method", "name", ("fedlora.methods.*",))
 ADAPTERS: Registry[Any] = Registry("adapter kind", "adapter", "kind", ("fedlora.adapters.*",))
 DATASETS: Registry[Any] = Registry("dataset", "data", "dataset", ("fedlora.data.sources",))
 RUNTIMES: Registry[Any] = Registry("runtime", "runtime", "kind", ("fedlora.runtime.kinds",))

@@ -1,4 +1,5 @@
-"""The built-in methods, one module each, registered in :data:`fedlora.registry.METHODS` (name → class).
+"""The built-in methods, one module each (every module of this package but :mod:`fedlora.methods.base`), each
+registering its class in :data:`fedlora.registry.METHODS` (name → class) when the registry first loads them.
 
 Importing the registry must stay light (``fedlora methods`` lists it without torch, tested in
 tests/test_speed.py): a method module imports torch, ``fedlora.functional`` and ``fedlora.adapters`` inside the
@@ -9,18 +10,12 @@ from __future__ import annotations
 
 from fedlora.methods.base import Method
 from fedlora.protocol import Broadcast, RoundPlan, Upload
-from fedlora.methods.fedex import FedExLoRA
-from fedlora.methods.fedit import FedIT
-from fedlora.methods.fedsa import FedSALoRA
-from fedlora.methods.ffa import FFALoRA
-from fedlora.methods.flora import FLoRA
-from fedlora.methods.flora_na import FLoRANA
 from fedlora.registry import METHODS
 
-register = METHODS.register
+# Modules of this package that are not methods (the registry imports every other one as a method plugin).
+SHARED_MODULES = ("base",)
 
-for _cls in (FedIT, FFALoRA, FedSALoRA, FLoRANA, FedExLoRA, FLoRA):
-    register(_cls)
+register = METHODS.register
 
 
 def get_method(name: str) -> type[Method]:

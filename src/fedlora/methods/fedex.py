@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method, base_delta
+from fedlora.registry import METHODS
 from fedlora.protocol import BaseUpdate, Broadcast, Upload
 
 if TYPE_CHECKING:
@@ -45,3 +46,6 @@ class FedExLoRA(Method):
             delivered[a_key] = torch.cat([payload[a_key], Q], dim=0)
         return Broadcast(payload=payload, base_update=base_update,
                          stats=self.agg_error(uploads, delivered, global_state))
+
+
+METHODS.register(FedExLoRA)

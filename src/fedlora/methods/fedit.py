@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method
+from fedlora.registry import METHODS
 from fedlora.protocol import Broadcast, Upload
 
 if TYPE_CHECKING:
@@ -21,3 +22,6 @@ class FedIT(Method):
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         payload = self.average(uploads, self.shared_keys())
         return Broadcast(payload=payload, stats=self.agg_error(uploads, payload, global_state))
+
+
+METHODS.register(FedIT)

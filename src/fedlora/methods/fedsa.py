@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method
+from fedlora.registry import METHODS
 from fedlora.protocol import Broadcast, Upload
 
 if TYPE_CHECKING:
@@ -28,3 +29,6 @@ class FedSALoRA(Method):
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         return Broadcast(payload=self.average(uploads, self.shared_keys()))
+
+
+METHODS.register(FedSALoRA)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method
+from fedlora.registry import METHODS
 from fedlora.protocol import Broadcast, Upload
 
 if TYPE_CHECKING:
@@ -32,3 +33,6 @@ class FFALoRA(Method):
         payload = self.average(uploads, self.shared_keys())
         # Every client's A is the frozen global A, so Σ p_u B_u A = B̄A: the error is 0 up to rounding.
         return Broadcast(payload=payload, stats=self.agg_error(uploads, {**global_state, **payload}, global_state))
+
+
+METHODS.register(FFALoRA)

@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method, base_delta
+from fedlora.registry import METHODS
 from fedlora.protocol import BaseUpdate, Broadcast, Upload
 
 if TYPE_CHECKING:
@@ -66,3 +67,6 @@ class FLoRA(Method):
             delivered[b_key], delivered[a_key] = B, A
         return Broadcast(payload=payload, base_update=base_update, reset_adapter=True,
                          stats=self.agg_error(uploads, delivered, global_state))
+
+
+METHODS.register(FLoRA)

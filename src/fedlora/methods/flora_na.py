@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method
 from fedlora.protocol import Broadcast, Upload
-from fedlora.registry import Option
+from fedlora.registry import METHODS, Option
 
 if TYPE_CHECKING:
     import torch
@@ -57,3 +57,6 @@ class FLoRANA(Method):
             else:  # "layer-mix"
                 payload[b_key], payload[a_key] = F.flora_na_coefficients(Bs, As, w)
         return Broadcast(payload=payload, stats=self.agg_error(uploads, payload, global_state))
+
+
+METHODS.register(FLoRANA)
