@@ -97,7 +97,7 @@ def test_bf16_stores_frozen_base_in_bf16_and_trains_float32_adapters(method: str
     for name, p in exp.model.named_parameters():
         if id(p) in slots:
             want = torch.float32  # adapters and head: trained, with float32 optimizer state
-        elif name in changed and exp.method.cumulative:
+        elif name in changed and exp.method.changes_base:
             want = torch.float32  # FedEx merges residuals into these: their own float32 master
         else:
             want = torch.bfloat16

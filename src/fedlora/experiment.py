@@ -131,7 +131,7 @@ def build(config: Config) -> Experiment:
     models.set_attention(model, config.train.attention)
     if config.train.dtype == "bfloat16":  # frozen base weights in bf16; adapters, heads, optimizer state float32
         keep = [p for m in slot_maps.values() for p in m.values()]
-        if method.cumulative:  # base updates (FedEx, FLoRA) accumulate in these weights: they stay float32
+        if method.changes_base:  # base updates (FedEx, FLoRA) accumulate in these weights: they stay float32
             params = dict(model.named_parameters())
             keep += [params[meta.base_param] for meta in info.layers.values()]
         models.store_frozen(model, torch.bfloat16, keep)

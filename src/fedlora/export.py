@@ -49,8 +49,8 @@ def plain_name(peft_param: str) -> str:
 
 
 def changes_base(method: Method) -> bool:
-    """Whether the method's broadcasts change base weights (``Method.cumulative``: FedEx, FLoRA)."""
-    return bool(method.cumulative)
+    """Whether the method's broadcasts change base weights (``Method.changes_base``: FedEx, FLoRA)."""
+    return bool(method.changes_base)
 
 
 def base_weights(exp: Experiment) -> dict[str, torch.Tensor]:

@@ -9,123 +9,19 @@ and device.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from fedlora.functional_checks import Weights, _as_list, _check_tensor, _Layer, _validate, normalize_weights
+from fedlora.linalg import (_COMPUTE_DTYPE, _concat, _fedit_means, _low_rank_factors, _norm, _orthonormal_refactor,
+                            _product_norm, _weighted_sum)
 
-__all__ = ["SPLITS", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "flora_na", "flora_na_coefficients",
-           "flora_na_paper", "flora_stack", "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
+__all__ = ["SPLITS", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "fedsvd", "flexlora", "flora_na",
+           "flora_na_coefficients", "flora_na_paper", "flora_stack", "lora_fair", "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
 
 SPLITS = ("balanced", "fedit-scale")
-
-# flora_na's fast path orthonormalises Bc and Acᵀ with Cholesky-QR (two small Gram products, a few ms per
-# 4096×160 layer) instead of Householder QR (~15 ms). Cholesky-QR's Q is orthonormal only up to
-# δ ≈ eps·κ(R)². The product then differs from the exact truncated SVD by O(δ) (relative, for a clear gap
-# σ_r > σ_{r+1}) and its error exceeds the optimum by only O(δ²), because the optimum is stationary. It is
-# accepted while eps·κ² ≤ 1e-8 (κ ≤ 6.7e3 in float64, for the column-equilibrated factor), which keeps
-# products within ~1e-8 of the exact answer. Otherwise (rank-deficient or ill-conditioned factors: identical
-# clients, zero-initialised B, N·r > d) the Householder path runs, which is backward stable whatever the rank.
-# (κ comes from the eigenvalues of the equilibrated n×n Gram matrix: the bound ‖G'‖_F·‖R'⁻¹‖_F² costs less
-# but over-estimates κ² some 100× on 160 columns and sent clients that differ by 0.5% to the slow path.)
-_CHOLQR_MAX_DISTORTION = 1e-8
-
-# flora_na computes in float64 whatever the input dtype, decided by benchmarks/aggregation.py (64 layers of
-# 4096×4096, r=16, 10 float32 clients, 2 threads): float64 inside took 1.6 s with an excess over the rank-r
-# optimum of 1e-13. Float32 inside is safe only with Householder QR (Cholesky-QR in float32 would need κ ≤ 9
-# under the guard above), which took 2.6 s; unguarded float32 Cholesky-QR took 0.66 s. Both float32 variants
-# meet the 1e-4 target while clients differ a lot (drift 50% of the shared part: excess 2e-10), but not when
-# they are close, as after a few rounds from a common broadcast: at 0.5% drift their error is 1.02× the
-# optimum, worse than FedIT's 1.016×, and at 0.05% it is 18.9× (FedIT 1.4×), while float64 inside gives
-# 1.00001× and 1.1× (the float32 rounding of the returned factors). The casts cost one copy of a layer's
-# factors (the working set is ~2.5× one layer's uploads); the d×rank outputs are cast back to the input dtype.
-_COMPUTE_DTYPE = torch.float64
-
-
-def _weighted_sum(tensors: Sequence[Tensor], coefficients: Sequence[float]) -> Tensor:
-    out = tensors[0] * coefficients[0]
-    for t, c in zip(tensors[1:], coefficients[1:]):
-        out.add_(t, alpha=c)
-    return out
-
-
-def _concat(layer: _Layer, dtype: torch.dtype, weight_on: str, skip_zero: bool = False) -> tuple[Tensor, Tensor]:
-    """Bc = [B_1, …] (d×Σr) and Ac = [A_1; …] (Σr×k) in ``dtype``, with p_u folded into the B or the A side."""
-    keep = [u for u, pu in enumerate(layer.p) if pu > 0 or not skip_zero]
-    cols = [0]
-    for u in keep:
-        cols.append(cols[-1] + layer.ranks[u])
-    Bc = layer.ref.new_empty((layer.d, cols[-1]), dtype=dtype)
-    Ac = layer.ref.new_empty((cols[-1], layer.k), dtype=dtype)
-    for u, lo, hi in zip(keep, cols, cols[1:]):  # copy_ (casting) then mul_ in ``dtype``: no temporaries
-        Bc[:, lo:hi].copy_(layer.Bs[u])
-        Ac[lo:hi].copy_(layer.As[u])
-        (Bc[:, lo:hi] if weight_on == "B" else Ac[lo:hi]).mul_(layer.p[u])
-    return Bc, Ac
-
-
-def _fedit_means(layer: _Layer) -> tuple[Tensor, Tensor]:
-    """FedIT's (B̄, Ā); heterogeneous ranks are zero-padded to the largest (that leaves each B_u·A_u unchanged)."""
-    r = max(layer.ranks)
-    if min(layer.ranks) == r:
-        return _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
-    Bs = [torch.nn.functional.pad(B, (0, r - B.shape[1])) for B in layer.Bs]
-    As = [torch.nn.functional.pad(A, (0, 0, 0, r - A.shape[0])) for A in layer.As]
-    return _weighted_sum(Bs, layer.p), _weighted_sum(As, layer.p)
-
-
-def _norm(t: Tensor) -> float:
-    """Frobenius norm accumulated in float64, without a float64 copy of ``t``."""
-    return float(torch.linalg.vector_norm(t, dtype=torch.float64))
-
-
-def _orthonormal_basis(X: Tensor, method: str = "auto") -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """X (m×n) = Q·R with orthonormal Q: returns R and M ↦ Q·M, without forming Q.
-
-    ``method``: "auto" (Cholesky-QR when well conditioned, else Householder), "householder", or "cholesky"
-    (Cholesky-QR whenever the factorisation succeeds, whatever the conditioning; for measurements only).
-    """
-    if method in ("auto", "cholesky"):
-        G = X.mT @ X
-        scale = G.diagonal().sqrt()  # equilibrate the columns first: κ of X·diag(1/‖x_j‖) is what matters
-        if bool((scale > 0).all()):
-            G = G / torch.outer(scale, scale)
-            ok = method == "cholesky"
-            if not ok:  # κ₂(R')² = κ(G') from the n×n eigenvalues: ~1 ms, next to ~3 ms for the Gram itself
-                eigenvalues = torch.linalg.eigvalsh(G)
-                lo, hi = float(eigenvalues[0]), float(eigenvalues[-1])
-                ok = lo > 0 and torch.finfo(X.dtype).eps * hi / lo <= _CHOLQR_MAX_DISTORTION
-            if ok:
-                R, info = torch.linalg.cholesky_ex(G, upper=True)
-                if int(info) == 0:
-                    R = R * scale  # X·D⁻¹ = Q·R'  ⇒  X = Q·(R'·D)
-                    return R, lambda M: X @ torch.linalg.solve_triangular(R, M, upper=True)
-    a, tau = torch.geqrf(X)
-    m = min(X.shape)
-
-    def apply(M: Tensor) -> Tensor:  # Q (m×m, implicit in the reflectors) times M padded with zero rows
-        padded = M.new_zeros((X.shape[0], M.shape[1]))
-        padded[:m] = M
-        return torch.ormqr(a, tau, padded)
-
-    return a[:m].triu(), apply
-
-
-def _low_rank_factors(Bc: Tensor, Ac: Tensor, rank: int, method: str = "auto") -> tuple[Tensor, Tensor]:
-    """Balanced rank-``rank`` factors of the truncated SVD of Bc·Ac, in Bc's dtype, never forming Bc·Ac."""
-    R_B, apply_B = _orthonormal_basis(Bc, method)
-    R_A, apply_A = _orthonormal_basis(Ac.mT, method)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.mT, full_matrices=False)  # at most Nr×Nr
-    r = min(rank, S.numel())
-    root = S[:r].sqrt()
-    B = Bc.new_zeros((Bc.shape[0], rank))  # components beyond Nr (or beyond d, k) stay zero
-    A = Ac.new_zeros((rank, Ac.shape[1]))
-    B[:, :r] = apply_B(U[:, :r] * root)
-    A[:r] = apply_A(Vh[:r].mT * root).mT
-    return B, A
-
 
 # ------------------------------------------------------------------------------------------------ public API
 
@@ -394,20 +290,68 @@ def flora_stack(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) ->
     return _concat(layer, layer.ref.dtype, "A")
 
 
+def flexlora(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, rank: int | None = None
+             ) -> tuple[Tensor, Tensor]:
+    """FlexLoRA (Bai et al. 2024): B = U_r Σ_r (d×rank), A = V_rᵀ (rank×k, orthonormal rows) from the truncated SVD
+    of ΔW̄ = Σ p_u B_u A_u, computed as :func:`flora_na` does (no d×k matrix). Components come in decreasing order of
+    σ, so ``B[:, :q], A[:q]`` is the rank-q optimum: a client of rank q receives that truncation. Ranks may differ;
+    a client whose scaling differs from the others' must have its B rescaled by the caller (s_u / s) first."""
+    layer = _validate(Bs, As, weights)
+    rank = max(layer.ranks) if rank is None else rank
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    Bc, Ac = _concat(layer, _COMPUTE_DTYPE, "B", skip_zero=True)
+    B, A = _low_rank_factors(Bc, Ac, rank, weight_on="B")
+    return B.to(layer.ref.dtype), A.to(layer.ref.dtype)
+
+
+def fedsvd(Bs: Sequence[Tensor], A: Tensor, weights: Weights) -> tuple[Tensor, Tensor]:
+    """FedSVD (Lee et al. 2025): every client trained B_u on the same frozen A; B̄ = Σ p_u B_u, and B̄·A (exactly
+    Σ p_u B_u A, rank ≤ r) is re-factorised by SVD as U Σ Vᵀ: returns (B' = U Σ, A' = Vᵀ), A' with orthonormal
+    rows (all r of them: where B̄A has rank < r the missing directions are completed inside A's row space, so that
+    no row of A' is zero and every direction keeps receiving gradient). B'·A' = B̄·A up to rounding; no d×k matrix
+    is formed. Computed in float64, returned in the inputs' dtype."""
+    layer = _validate(Bs, [A] * len(_as_list(Bs, "Bs")), weights, equal_ranks_for="fedsvd")
+    B_bar = _weighted_sum([b.to(_COMPUTE_DTYPE) for b in layer.Bs], layer.p)
+    B_new, A_new = _orthonormal_refactor(B_bar, layer.As[0].to(_COMPUTE_DTYPE))
+    return B_new.to(layer.ref.dtype), A_new.to(layer.ref.dtype)
+
+
+def lora_fair(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, lam: float = 0.01
+              ) -> tuple[Tensor, Tensor]:
+    """LoRA-FAIR (Bian et al. 2025): (B̄ + ΔB, Ā), the FedIT means with B̄ refined by the correction
+
+        ΔB = argmin ‖(B̄ + ΔB)Ā − ΔW̄‖_F² + λ'‖ΔB‖_F²  =  (ΔW̄Āᵀ − B̄G)(G + λ'I)⁻¹,   G = ĀĀᵀ (r×r),
+
+    with λ' = ``lam``·tr(G)/r (the ridge weight relative to the mean eigenvalue of G, so that ``lam`` does not depend
+    on the scale of A). ΔW̄Āᵀ = Σ p_u B_u (A_u Āᵀ) needs only r×r products: no d×k matrix. ``lam`` = 0 gives the
+    least-squares B for Ā (the smallest error any B reaches with Ā); a larger ``lam`` keeps B near B̄, i.e. keeps
+    the next round's starting point close to FedIT's average. The paper states the objective with a generic
+    similarity S and solves it by gradient descent on the server; this is the closed form for S = the squared
+    Frobenius distance (fedlora's reading, said in the README). Equal ranks are required."""
+    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    layer = _validate(Bs, As, weights, equal_ranks_for="lora_fair")
+    Bs64 = [b.to(_COMPUTE_DTYPE) for b in layer.Bs]
+    As64 = [a.to(_COMPUTE_DTYPE) for a in layer.As]
+    B_bar, A_bar = _weighted_sum(Bs64, layer.p), _weighted_sum(As64, layer.p)
+    G = A_bar @ A_bar.mT
+    target = _weighted_sum([b @ (a @ A_bar.mT) for b, a in zip(Bs64, As64)], layer.p)  # ΔW̄Āᵀ (d×r)
+    r = G.shape[0]
+    ridge = lam * float(G.diagonal().sum()) / r
+    lhs = G + ridge * torch.eye(r, dtype=G.dtype, device=G.device)
+    # ΔB·lhs = target − B̄G; lstsq (not solve) so that a singular G with lam = 0 gives the minimum-norm ΔB
+    rhs = target - B_bar @ G
+    delta = torch.linalg.lstsq(lhs.mT, rhs.mT).solution.mT if ridge == 0 else torch.linalg.solve(lhs, rhs.mT).mT
+    return (B_bar + delta).to(layer.ref.dtype), A_bar.to(layer.ref.dtype)
+
+
 def fedit_error(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights) -> Tensor:
     """FedIT's error ΔW̄ − B̄Ā written as Σ p_u (B_u − B̄)(A_u − Ā) (d×k, rank ≤ (N−1)r). For tests."""
     layer = _validate(Bs, As, weights, equal_ranks_for="fedit_error")
     B_bar, A_bar = _weighted_sum(layer.Bs, layer.p), _weighted_sum(layer.As, layer.p)
     P = torch.cat([(B - B_bar) * pu for B, pu in zip(layer.Bs, layer.p)], dim=1)
     return P @ torch.cat([A - A_bar for A in layer.As], dim=0)
-
-
-def _product_norm(P: Tensor, Q: Tensor) -> float:
-    """‖P·Q‖_F = ‖R_P R_Qᵀ‖_F from Householder R factors (backward stable, unlike expanding ‖PQ‖² in traces of
-    Gram matrices, which cancels catastrophically when the product is small next to its factors)."""
-    R_P = torch.linalg.qr(P, mode="r").R
-    R_Q = torch.linalg.qr(Q.mT, mode="r").R
-    return float(torch.linalg.matrix_norm(R_P @ R_Q.mT))
 
 
 def relative_error(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, B: Tensor, A: Tensor) -> float:

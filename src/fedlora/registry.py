@@ -196,6 +196,11 @@ def check_compatible(config: Config) -> None:
         hint = f"; it is provided by: {', '.join(providers)}" if providers else ""
         raise ConfigError(f"{key} = {who!r} needs {CAPABILITIES.get(cap, cap)}, which this configuration does not "
                           f"provide{hint}")
+    for key, plugin in chosen(config):  # a plugin's own rule about the rest of the configuration
+        check = getattr(plugin, "check_config", None)
+        reason = check(config) if callable(check) else None
+        if reason:
+            raise ConfigError(f"{key} = {plugin.name!r}: {reason}")
 
 
 def fitting_adapters(method: Any) -> list[str]:

@@ -64,7 +64,13 @@ class Server:
         have = self.client_version[client]
         if have == self.version:
             return []
-        return self.history[have + 1 - self.first:] if self.method.cumulative else [self.history[-1]]
+        due = self.history[have + 1 - self.first:] if self.method.cumulative else [self.history[-1]]
+        return [self.method.deliver(b, self.state_of(client)) for b in due]  # what is sent to this client's rank
+
+    def state_of(self, client: int) -> Mapping[str, torch.Tensor]:
+        """The adapter state a client of ``client``'s rank holds (the global one unless ranks differ)."""
+        adapter = self.client_adapters[client] if 0 <= client < self.num_clients else "default"
+        return self.global_state if adapter == "default" else self.rank_states[adapter]
 
     def mark_synced(self, client: int) -> None:
         self.client_version[client] = self.version
@@ -81,8 +87,7 @@ class Server:
     def reference(self, client: int, round_: int) -> Mapping[str, torch.Tensor]:
         """The tensors ``client`` uploads in round ``round_`` (the method's plan for that round), as it started the
         round (shapes of its rank): what its upload is checked against."""
-        adapter = self.client_adapters[client] if 0 <= client < self.num_clients else "default"
-        state = self.global_state if adapter == "default" else self.rank_states[adapter]
+        state = self.state_of(client)
         return {k: state[k] for k in self.method.plan(round_).upload}
 
     def validate(self, upload: Upload, round_: int) -> None:
@@ -141,7 +146,8 @@ class Server:
         if bad:
             raise RoundFailed(f"aggregation produced non-finite values in {bad[:3]}")
         self.global_state = self.method.apply(self.global_state, broadcast)
-        self.rank_states = {name: self.method.apply(state, broadcast) for name, state in self.rank_states.items()}
+        self.rank_states = {name: self.method.apply(state, self.method.deliver(broadcast, state))
+                            for name, state in self.rank_states.items()}
         self.history.append(broadcast)
         self.version += 1
         self._trim()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 from fedlora.config import Config
@@ -35,6 +36,9 @@ class Method(ABC):
     # True when every broadcast must reach every client (base-weight updates accumulate); False when the
     # latest broadcast alone brings a lagging client up to date.
     cumulative: ClassVar[bool] = False
+    # True when broadcasts change frozen base weights (a BaseUpdate: FedEx's residual, FLoRA's merge): the weights
+    # are then part of the model a client serves (saved with its adapter, kept in float32 under bf16).
+    changes_base: ClassVar[bool] = False
     # True when the broadcast is the weighted mean of the uploads, key by key (the server needs only their sum):
     # then central DP (noise on the sum) and secure aggregation (the server learns only the sum) fit the method.
     sum_only: ClassVar[bool] = False
@@ -85,6 +89,12 @@ class Method(ABC):
         """Whether one global model exists to evaluate (needs a shared head when there is one)."""
         return self.has_global_model and (self.share_head or not self.info.with_role("head"))
 
+    @classmethod
+    def check_config(cls, config: Config) -> str | None:
+        """The method's own rule about a configuration its capabilities do not express (e.g. an option that works
+        only with equal ranks): a reason to refuse it, or None. Called by fedlora.registry.check_compatible."""
+        return None
+
     # ---- client side ----------------------------------------------------------------------------------
     def upload(self, state: Mapping[str, torch.Tensor], round_: int) -> dict[str, torch.Tensor]:
         """The tensors a client sends in round ``round_``: exactly the plan's upload keys, nothing private."""
@@ -128,6 +138,48 @@ class Method(ABC):
         return {"agg_error": total}
 
     # ---- server side ----------------------------------------------------------------------------------
+    def deliver(self, broadcast: Broadcast, state: Mapping[str, torch.Tensor]) -> Broadcast:
+        """The message actually sent to a client whose adapter is ``state`` (its shapes say its rank): the
+        broadcast itself here. Methods for clients of different ranks (FlexLoRA) send each its own truncation, with
+        :meth:`truncated`. The server applies what it delivers, and counts its bytes."""
+        return broadcast
+
+    def truncated(self, broadcast: Broadcast, state: Mapping[str, torch.Tensor]) -> Broadcast:
+        """``broadcast`` with every layer's factors, sent at the global (largest) rank R with scaling s and ordered
+        by decreasing singular value, cut to the rank r of ``state``'s layer: B[:, :r]·(s / s_r) and A[:r], so that
+        s_r·B'A' is the first r components of s·BA (its rank-r optimum)."""
+        from fedlora.adapters import layer_pairs, scaling
+        payload = dict(broadcast.payload)
+        for a_key, b_key in layer_pairs(self.info.with_role("A", "B")).values():
+            r = int(state[a_key].shape[0])
+            if a_key not in payload or r == payload[a_key].shape[0]:
+                continue
+            factor = scaling(self.config.adapter) / scaling(self.config.adapter, r)
+            payload[b_key] = (payload[b_key][:, :r] * factor).contiguous()
+            payload[a_key] = payload[a_key][:r].contiguous()
+        return replace(broadcast, payload=payload)
+
+    def rescaled(self, uploads: Sequence[Upload]) -> list[Upload]:
+        """The uploads with each B_u multiplied by s_u / s, where s_u is the scaling of client u's rank and s the
+        global (largest-rank) adapter's, so that s·B_u·A_u is client u's update (the identity for equal ranks)."""
+        from fedlora.adapters import layer_pairs, scaling
+        pairs = layer_pairs(self.info.with_role("A", "B"))
+        if not pairs:
+            return list(uploads)
+        first_a = next(iter(pairs.values()))[0]
+        s = scaling(self.config.adapter)
+        out = []
+        for u in uploads:
+            factor = scaling(self.config.adapter, int(u.payload[first_a].shape[0])) / s if first_a in u.payload else 1.0
+            if factor == 1.0:
+                out.append(u)
+                continue
+            payload = dict(u.payload)
+            for _, b_key in pairs.values():
+                payload[b_key] = payload[b_key] * factor
+            out.append(replace(u, payload=payload))
+        return out
+
     def weights(self, uploads: Sequence[Upload]) -> list[float]:
         """p_u before normalisation: training examples, or 1 each with ``weighting = "uniform"``."""
         if self.config.method.weighting == "uniform":
@@ -144,6 +196,14 @@ class Method(ABC):
     @abstractmethod
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         """Turn validated uploads into the broadcast. ``global_state`` is the server's current adapter."""
+
+
+    def from_mean(self, mean: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        """For a ``sum_only`` method: the broadcast, given only the weighted mean of the round's uploads (key by key)
+        and the global state. The mean itself here (FedIT, FFA, FedSA, RoLoRA); FedSVD re-factorises it. Central DP
+        (noise added to the mean) and secure aggregation (the server learns only the sum) call this after their own
+        step, so that a sum_only method's whole server rule is :meth:`average` then this."""
+        return Broadcast(payload=dict(mean))
 
 
 # ---- helpers shared by the methods that combine B and A ----------------------------------------------------

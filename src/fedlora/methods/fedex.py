@@ -26,6 +26,7 @@ class FedExLoRA(Method):
     default_share_head = True
     has_global_model = True
     needs = frozenset({"factors", "magnitude-free"})  # the residual is Σ p_u B_u A_u − B̄Ā
+    changes_base = True
     cumulative = True  # every residual must reach every client
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:

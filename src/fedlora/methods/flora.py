@@ -12,7 +12,6 @@ seeded by (adapter.seed, broadcast version), so server and clients agree without
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.methods.base import Method, base_delta
@@ -30,28 +29,8 @@ class FLoRA(Method):
     has_global_model = True
     needs = frozenset({"factors", "magnitude-free"})  # stacked factors are merged into W0 as s·B·A
     provides = frozenset({"per-client-ranks"})  # stacking works for factors of any rank
+    changes_base = True
     cumulative = True  # every merge must reach every client
-
-    def rescaled(self, uploads: Sequence[Upload]) -> list[Upload]:
-        """The uploads with each B_u multiplied by s_u / s (the identity when every client has the global rank)."""
-        from fedlora.adapters import layer_pairs, scaling
-
-        pairs = layer_pairs(self.adapter_keys())
-        if not pairs:
-            return list(uploads)
-        first_a = next(iter(pairs.values()))[0]
-        s = scaling(self.config.adapter)
-        out = []
-        for u in uploads:
-            factor = scaling(self.config.adapter, int(u.payload[first_a].shape[0])) / s
-            if factor == 1.0:
-                out.append(u)
-                continue
-            payload = dict(u.payload)
-            for _, b_key in pairs.values():
-                payload[b_key] = payload[b_key] * factor
-            out.append(replace(u, payload=payload))
-        return out
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         from fedlora import functional as F

@@ -3,6 +3,10 @@ update Σ p_u B_u A_u (Nguyen et al. 2025), at FedIT's communication cost.
 
 ``method.na_estimator`` chooses the estimator:
 
+With a per-client ``adapter.rank`` list (``"svd"`` only) the server computes the optimum at the largest rank and
+each client receives its leading components, truncated to its own rank (the rank-r_u optimum: Eckart–Young), as
+FlexLoRA does; the two then differ only in how each component is split between B and A.
+
 - ``"svd"`` (default): the exact rank-r optimum (truncated SVD of the ideal update, computed from QR factors of
   the stacked uploads, never forming a d×k matrix; :func:`fedlora.functional.flora_na`). ``method.na_split``
   chooses how the optimal product is split into B̂ and Â (it changes the next round's training, not the product).
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Mapping, Sequence
 
+from fedlora.config import Config
 from fedlora.methods.base import Method
 from fedlora.protocol import Broadcast, Upload
 from fedlora.registry import METHODS, Option
@@ -32,6 +37,7 @@ class FLoRANA(Method):
     default_share_head = True
     has_global_model = True
     needs = frozenset({"factors", "magnitude-free"})  # the product B·A is what is estimated
+    provides = frozenset({"per-client-ranks"})  # "svd": the rank-max optimum, truncated to each client's rank
     options = (
         Option("na_estimator", "svd", "flora-na: 'svd' (exact rank-r optimum), 'paper' (the authors' code: 2N scalars "
                "shared by all layers) or 'layer-mix' (2N scalars per layer)", choices=("svd", "paper", "layer-mix")),
@@ -39,9 +45,17 @@ class FLoRANA(Method):
                choices=("balanced", "fedit-scale")),
     )
 
+    @classmethod
+    def check_config(cls, config: Config) -> str | None:
+        if isinstance(config.adapter.rank, tuple) and config.method.na_estimator != "svd":
+            return (f"a per-client adapter.rank needs method.na_estimator = 'svd' (the {config.method.na_estimator!r} "
+                    f"estimator mixes factors of one shape)")
+        return None
+
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         from fedlora import functional as F
 
+        uploads = self.rescaled(uploads)  # per-client ranks: s·B_u·A_u is client u's update (identity otherwise)
         w = self.weights(uploads)
         payload = self.average(uploads, self.head_keys())
         estimator = self.config.method.na_estimator
@@ -52,11 +66,16 @@ class FLoRANA(Method):
             for (_, a_key, b_key, _, _), (B, A) in zip(layers, estimates):
                 payload[b_key], payload[a_key] = B, A
         for _, a_key, b_key, Bs, As in layers if estimator != "paper" else ():
-            if estimator == "svd":
-                payload[b_key], payload[a_key] = F.flora_na(Bs, As, w, split=self.config.method.na_split)
+            if estimator == "svd":  # at the global adapter's (largest) rank
+                payload[b_key], payload[a_key] = F.flora_na(Bs, As, w, rank=int(global_state[a_key].shape[0]),
+                                                            split=self.config.method.na_split)
             else:  # "layer-mix"
                 payload[b_key], payload[a_key] = F.flora_na_coefficients(Bs, As, w)
         return Broadcast(payload=payload, stats=self.agg_error(uploads, payload, global_state))
+
+    def deliver(self, broadcast: Broadcast, state: Mapping[str, torch.Tensor]) -> Broadcast:
+        """A client of a smaller rank receives the optimum truncated to its rank (the SVD's leading components)."""
+        return self.truncated(broadcast, state)
 
 
 METHODS.register(FLoRANA)

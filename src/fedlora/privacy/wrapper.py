@@ -47,6 +47,7 @@ class PrivateMethod(Method):
         self.privacy = config.privacy
         self.name = inner.name  # type: ignore[misc]  # the run is still the inner method's
         self.cumulative = inner.cumulative  # type: ignore[misc]
+        self.changes_base = inner.changes_base  # type: ignore[misc]
         self.sum_only = inner.sum_only  # type: ignore[misc]
         # DP-FedAvg's accountant assumes Poisson sampling of clients; local DP needs no amplification.
         self.sampling = "poisson" if self.privacy.dp == "central" else inner.sampling  # type: ignore[misc]
@@ -88,6 +89,12 @@ class PrivateMethod(Method):
     def apply(self, state: Mapping[str, torch.Tensor], broadcast: Broadcast) -> State:
         return self.inner.apply(state, broadcast)
 
+    def deliver(self, broadcast: Broadcast, state: Mapping[str, torch.Tensor]) -> Broadcast:
+        return self.inner.deliver(broadcast, state)
+
+    def from_mean(self, mean: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
+        return self.inner.from_mean(mean, global_state)
+
     def weights(self, uploads: Sequence[Upload]) -> list[float]:
         return self.inner.weights(uploads)
 
@@ -126,15 +133,14 @@ class PrivateMethod(Method):
                            for k in keys}
             scaled.append(replace(u, payload=clipped))
         broadcast = self.inner.aggregate(scaled, global_state)
-        if set(broadcast.payload) != set(keys):  # sum_only promises the broadcast is the mean of the uploaded keys
-            raise RuntimeError(f"method {self.inner.name!r} broadcast keys differ from its shared keys")
         std = p.noise_multiplier * p.clip_norm / self.expected
         self._aggregations += 1
         if std == 0:
             return broadcast
-        noise = gaussian(broadcast.payload, std, generator(self.seed, digest(ref), self._aggregations, 0xCE17))
-        payload = {k: (v.double() + noise[k].to(v.device)).to(v.dtype) for k, v in broadcast.payload.items()}
-        return replace(broadcast, payload=payload)
+        mean = self.inner.average(scaled, keys)  # the noise goes on the mean, before the method's post-processing
+        noise = gaussian(mean, std, generator(self.seed, digest(ref), self._aggregations, 0xCE17))
+        payload = {k: (v.double() + noise[k].to(v.device)).to(v.dtype) for k, v in mean.items()}
+        return replace(self.inner.from_mean(payload, global_state), stats=broadcast.stats, version=broadcast.version)
 
     # ---- accounting ------------------------------------------------------------------------------------
     def round_fields(self, round_: int, sample: Callable[[int], Sequence[int]]) -> dict[str, Any]:
