@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedlora.adapters import State, read_state, write_state
+from fedlora.adapters import PRIVATE, Mixing, State, private_part, read_state, shared_part, write_state
 from fedlora.models import resolve_dtype
 from fedlora.config import TrainConfig
 from fedlora.errors import ClientFailure
@@ -43,9 +43,46 @@ class TrainResult:
     steps: int
 
 
-def round_seed(seed: int, round_: int, client: int) -> int:
-    """A 63-bit seed for one client in one round, independent of every other (client, round)."""
-    return int(np.random.SeedSequence([seed, round_, client]).generate_state(1, dtype=np.uint64)[0] >> 1)
+def round_seed(seed: int, round_: int, client: int, *stream: int) -> int:
+    """A 63-bit seed for one client in one round, independent of every other (client, round); ``stream`` tells
+    apart several independent draws of the same client and round (none: the one of the shared adapter's training)."""
+    return int(np.random.SeedSequence([seed, round_, client, *stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass(frozen=True)
+class PrivateStep:
+    """How a client trains its private adapter in one round, before its shared adapter: ``train.local_steps`` steps
+    on the private adapter alone, in the forward W0 + w_s·ΔW_shared + w_p·ΔW_private with ``weights`` = (w_s, w_p)
+    and the shared adapter frozen; with ``from_shared`` the private adapter first becomes a copy of the shared one."""
+
+    weights: tuple[float, float]
+    from_shared: bool = False
+
+
+@dataclass(frozen=True)
+class PrivateAdapter:
+    """A second adapter that every client holds beside the shared one and never sends (``Method.private_adapter``:
+    FedDPA's local adapter). Same kind, rank and targets as the shared adapter; its tensors sit in the client's state
+    under ``fedlora.adapters.PRIVATE`` + saved name, outside the method's AdapterInfo, so no plan can upload them.
+
+    The method says, and the client does: what the private adapter trains in round r (``step(r)``: a
+    :class:`PrivateStep`, or None), and with which weights (w_s, w_p) the two adapters form the client's own model
+    (``weights(batch, reference)``: floats, or one weight per example from the embeddings (:func:`embed`, under
+    W0 + ΔW_private) of the batch, n × h, and of ``reference_examples`` of the client's training examples, K × h; both
+    None when ``reference_examples`` is 0). The global model, where there is one, is the shared adapter alone."""
+
+    step: Callable[[int], PrivateStep | None]
+    weights: Callable[[torch.Tensor | None, torch.Tensor | None], tuple[float | torch.Tensor, float | torch.Tensor]]
+    reference_examples: int = 0
+
+
+def embed(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Each example's last-layer hidden states averaged over its real tokens (attention mask), n × h, float32."""
+    inner = model.base_model.model  # type: ignore[union-attr]  # under PEFT's wrapper: no pre-hook of the wrapper runs
+    out = inner(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+    hidden = out.hidden_states[-1].float()
+    mask = batch["attention_mask"].to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def batch_indices(train: np.ndarray, steps: int, batch_size: int, seed: int) -> list[np.ndarray]:
@@ -65,8 +102,11 @@ class LocalTrainer:
     """
 
     def __init__(self, model: nn.Module, slot_map: Mapping[str, nn.Parameter], task: Task, train: TrainConfig,
-                 device: torch.device, other_adapters: Mapping[str, Mapping[str, nn.Parameter]] | None = None) -> None:
+                 device: torch.device, other_adapters: Mapping[str, Mapping[str, nn.Parameter]] | None = None,
+                 private_slots: Mapping[str, nn.Parameter] | None = None) -> None:
         self.model = model
+        # The private adapter's slots (PRIVATE + saved name → parameter) when the method has one (PrivateAdapter).
+        self.private_slots = dict(private_slots or {})
         self.slot_maps = {"default": slot_map, **(other_adapters or {})}
         self.active = "default"
         self.slots = slot_map
@@ -97,6 +137,48 @@ class LocalTrainer:
     def load(self, state: Mapping[str, torch.Tensor], adapter: str = "default") -> None:
         self.activate(adapter)
         write_state(self.slots, state)
+        if self.private_slots and any(k.startswith(PRIVATE) for k in state):
+            write_state(self.private_slots, state)
+
+    def _optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        assert cfg.lr is not None, "resolve the config (Config.resolved) before training"
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def train_private(self, state: Mapping[str, torch.Tensor], data: ClientData, round_: int, step: PrivateStep
+                      ) -> tuple[State, float]:
+        """``train.local_steps`` optimizer steps of the private adapter alone (fresh optimizer, its own seed stream),
+        in the forward W0 + w_s·ΔW_shared + w_p·ΔW_private with the shared adapter frozen. Returns ``state`` with
+        the private adapter replaced, and the mean loss. Local DP-SGD does not apply: nothing of it leaves."""
+        cfg = self.cfg
+        self.load(state, "default")
+        if step.from_shared:
+            write_state(self.private_slots, {k: state[k[len(PRIVATE):]] for k in self.private_slots})
+        params = list(self.private_slots.values())
+        opt = self._optimizer(params)
+        seed = round_seed(cfg.seed, round_, data.client_id, 1)
+        losses = []
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
+                Mixing(self.model, *step.weights):  # type: ignore[arg-type]
+            for p in params:  # after Mixing's entry, which freezes both adapters
+                p.requires_grad_(True)
+            torch.manual_seed(seed)
+            self.model.train()
+            for idx in batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed):
+                with self._autocast():
+                    loss = self.task.loss(self.model, self.task.batch(idx, self.device))
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+            self.model.eval()
+            for p in params:
+                p.requires_grad_(False)
+        return {**state, **read_state(self.private_slots)}, float(np.mean(losses)) if losses else 0.0
 
     def train(self, state: Mapping[str, torch.Tensor], data: ClientData, round_: int,
               frozen: Collection[str] = (), adapter: str = "default") -> TrainResult:
@@ -108,11 +190,7 @@ class LocalTrainer:
             p.requires_grad_(key not in frozen)
             if key not in frozen:
                 params.append(p)
-        assert cfg.lr is not None, "resolve the config (Config.resolved) before training"
-        if cfg.optimizer == "adamw":
-            opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            opt = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = self._optimizer(params)
         seed = round_seed(cfg.seed, round_, data.client_id)
         losses = []
         self.model.train()
@@ -138,12 +216,40 @@ class LocalTrainer:
         return TrainResult(state=read_state(self.slots), loss=float(np.mean(losses)),
                            num_examples=int(len(data.train)), steps=len(losses))
 
-    def evaluate(self, state: Mapping[str, torch.Tensor], idx: np.ndarray, adapter: str = "default") -> dict[str, float]:
+    def evaluate(self, state: Mapping[str, torch.Tensor], idx: np.ndarray, adapter: str = "default",
+                 private: PrivateAdapter | None = None, data: ClientData | None = None) -> dict[str, float]:
         """Metrics of the model with ``state`` on the examples ``idx`` (real predictions), at the training dtype
-        and under ``torch.inference_mode`` (no autograd bookkeeping at all)."""
+        and under ``torch.inference_mode`` (no autograd bookkeeping at all). With ``private`` and a state that holds
+        a private adapter, the model is the client's combination of both (``data``: the client, whose training
+        examples are the reference of instance-wise weights)."""
         self.load(state, adapter)
         with torch.inference_mode(), self._autocast():
-            return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
+            if private is None or not private_part(state):
+                return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
+            return self._evaluate_mixed(idx, private, data)
+
+    def _evaluate_mixed(self, idx: np.ndarray, private: PrivateAdapter, data: ClientData | None) -> dict[str, float]:
+        k = private.reference_examples
+        if k == 0:
+            with Mixing(self.model, *private.weights(None, None)):  # type: ignore[arg-type]
+                return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
+        if data is None or len(data.train) == 0:
+            raise ValueError("instance-wise weights need the client's training examples as reference")
+        # The same K reference examples at every evaluation of a client: drawn from (train.seed, client) only.
+        rng = np.random.default_rng([self.cfg.seed, data.client_id, 0xD9A])
+        ref_idx = np.sort(rng.choice(data.train, size=min(k, len(data.train)), replace=False))
+        with Mixing(self.model, 0.0, 1.0) as mix:  # type: ignore[arg-type]
+            reference = embed(self.model, self.task.batch(ref_idx, self.device))
+
+            def weigh(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                mix.weights = (0.0, 1.0)  # embed with W0 + ΔW_private alone, then weigh each example of the batch
+                mix.weights = private.weights(embed(self.model, kwargs), reference)
+
+            hook = self.model.register_forward_pre_hook(weigh, with_kwargs=True)
+            try:
+                return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
+            finally:
+                hook.remove()
 
 
 class ClientNode:
@@ -156,8 +262,9 @@ class ClientNode:
 
     def __init__(self, data: ClientData, method: Method, trainer: LocalTrainer, init_state: Mapping[str, torch.Tensor],
                  fingerprint: str | None = None, apply_base: Callable[[Mapping[str, torch.Tensor]], None] | None = None,
-                 adapter: str = "default") -> None:
+                 adapter: str = "default", private: PrivateAdapter | None = None) -> None:
         self.data = data
+        self.private = private  # the method's private second adapter (its tensors are in ``state``), or None
         self.adapter = adapter
         self.method = method
         self.trainer = trainer
@@ -180,16 +287,21 @@ class ClientNode:
 
         plan = self.method.plan(round_)
         start = self.method.upload(self.state, round_)  # what the round starts from: the reference of its update
-        result = self.trainer.train(self.state, self.data, round_, frozen=plan.frozen, adapter=self.adapter)
-        bad = [k for k, v in result.state.items() if not bool(torch.isfinite(v).all())]
-        if bad or not np.isfinite(result.loss):
+        state, private_loss = self.state, 0.0
+        step = self.private.step(round_) if self.private is not None else None
+        if step is not None:  # the private adapter trains first, against the shared adapter the round starts from
+            state, private_loss = self.trainer.train_private(state, self.data, round_, step)
+        result = self.trainer.train(shared_part(state), self.data, round_, frozen=plan.frozen, adapter=self.adapter)
+        new = {**private_part(state), **result.state}
+        bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+        if bad or not np.isfinite(result.loss) or not np.isfinite(private_loss):
             # Keep the state from before this round: nothing non-finite may enter a client's adapter.
             raise ClientFailure(f"local training diverged (non-finite loss or weights in {bad[:2]})")
-        self.state = result.state
+        self.state = new
         meta = {"train_loss": result.loss, "fingerprint": self.fingerprint}
         # privatize: the identity, or a privacy wrapper's clipping and noise (fedlora.privacy)
         payload = self.method.privatize(self.method.upload(self.state, round_), start, round_, self.data.client_id)
         return Upload(self.data.client_id, payload, result.num_examples, meta), result
 
     def evaluate(self) -> dict[str, float]:
-        return self.trainer.evaluate(self.state, self.data.test, self.adapter)
+        return self.trainer.evaluate(self.state, self.data.test, self.adapter, self.private, self.data)

@@ -16,7 +16,7 @@ from torch import nn
 
 from fedlora import adapters, models
 from fedlora.adapters import AdapterInfo, State
-from fedlora.client import ClientData, ClientNode, LocalTrainer
+from fedlora.client import ClientData, ClientNode, LocalTrainer, PrivateAdapter
 from fedlora.config import Config
 from fedlora.data import FederatedSplit, TextDataset, load_dataset, split_federated
 from fedlora.data.instructions import InstructionDataset, load_instruction_dataset
@@ -45,6 +45,10 @@ class Experiment:
     # initial state of every adapter of the model.
     client_adapters: dict[int, str]
     init_states: dict[str, State]
+    # The method's private second adapter on every client (Method.private_adapter: FedDPA's local adapter) and its
+    # initial tensors (keys fedlora.adapters.PRIVATE + saved name), or None and {}.
+    private: PrivateAdapter | None = None
+    private_init: State | None = None
 
     @property
     def base_path(self) -> str | None:
@@ -54,8 +58,8 @@ class Experiment:
                     ) -> ClientNode:
         """The node of client ``data.client_id``, at its initial state and on its rank's adapter."""
         adapter = self.client_adapters[data.client_id]
-        return ClientNode(data, self.method, self.trainer, self.init_states[adapter], self.fingerprint,
-                          apply_base=apply_base, adapter=adapter)
+        return ClientNode(data, self.method, self.trainer, {**self.init_states[adapter], **(self.private_init or {})},
+                          self.fingerprint, apply_base=apply_base, adapter=adapter, private=self.private)
 
 
 def pick_device(name: str) -> torch.device:
@@ -127,23 +131,31 @@ def build(config: Config) -> Experiment:
     info = AdapterInfo.of(init_states["default"], model)
     from fedlora import privacy  # DP wraps the method (privacy.dp) and local training (privacy.dp_sgd)
 
-    method = privacy.wrap(method_cls(config, info), config, [len(c.train) for c in clients])
+    inner = method_cls(config, info)
+    private = inner.private_adapter()  # asked of the method itself: a privacy wrapper adds no adapter
+    private_slots = adapters.add_private_adapter(model, config.adapter) if private is not None else {}
+    model = model.to(device)  # the private adapter, where there is one, joins the model's device
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    method = privacy.wrap(inner, config, [len(c.train) for c in clients])
     models.set_attention(model, config.train.attention)
     if config.train.dtype == "bfloat16":  # frozen base weights in bf16; adapters, heads, optimizer state float32
-        keep = [p for m in slot_maps.values() for p in m.values()]
+        keep = [p for m in [*slot_maps.values(), private_slots] for p in m.values()]
         if method.changes_base:  # base updates (FedEx, FLoRA) accumulate in these weights: they stay float32
             params = dict(model.named_parameters())
             keep += [params[meta.base_param] for meta in info.layers.values()]
         models.store_frozen(model, torch.bfloat16, keep)
     trainer = LocalTrainer(model, slot_maps["default"], task, config.train, device,
-                           {n: m for n, m in slot_maps.items() if n != "default"})
+                           {n: m for n, m in slot_maps.items() if n != "default"}, private_slots=private_slots)
     trainer.dp_sgd = privacy.local_training(config)
     return Experiment(config=config, dataset=dataset, split=split, clients=clients, model=model,
                       slots=slot_maps["default"], task=task, method=method, info=info,
                       init_state=init_states["default"], fingerprint=adapters.projection_fingerprint(model),
                       device=device, trainer=trainer,
                       client_adapters={c.client_id: names[config.adapter.rank_of(c.client_id)] for c in clients},
-                      init_states=init_states)
+                      init_states=init_states, private=private,
+                      private_init=adapters.read_state(private_slots) if private is not None else None)
 
 
 def label_histogram(exp: Experiment) -> np.ndarray:

@@ -23,7 +23,7 @@ import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 
 BASE_FILE = "base_weights.safetensors"
 EXPORT_FILE = "fedlora_export.json"
+# A client's private second adapter (Method.private_adapter: FedDPA's local adapter), beside its shared one: a PEFT
+# adapter folder of its own (LoRA tensors only; the head is the shared adapter's) and how the two combine.
+PRIVATE_DIR = "private"
+MIX_FILE = "fedlora_mix.json"
 
 
 # ---- what a run saves next to an adapter --------------------------------------------------------------------
@@ -70,6 +74,34 @@ def write_base_weights(exp: Experiment, folder: Path) -> None:
 
         save_file(weights, str(folder / BASE_FILE), metadata={
             "format": "pt", "fedlora": "replace these weights of the base model before loading the adapter"})
+
+
+def write_private_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], folder: Path) -> None:
+    """Where ``state`` holds a private adapter: ``folder/private/`` (adapter_config.json, adapter_model.safetensors,
+    saved names without the private prefix) and ``folder/private/fedlora_mix.json`` (the weights of the client's
+    model W0 + w_s·ΔW_shared + w_p·ΔW_private, or how they are computed per example). Else nothing."""
+    from dataclasses import replace as dc_replace
+
+    from safetensors.torch import save_file
+
+    from fedlora.adapters import PRIVATE, PRIVATE_ADAPTER, private_part
+
+    private = private_part(state)
+    if not private or exp.private is None:
+        return
+    out = folder / PRIVATE_DIR
+    out.mkdir()
+    save_file({k[len(PRIVATE):]: v.detach().cpu().contiguous() for k, v in private.items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = dc_replace(exp.model.peft_config[PRIVATE_ADAPTER], modules_to_save=None)  # type: ignore[index]
+    cfg.save_pretrained(str(out))
+    k = exp.private.reference_examples
+    mix: dict[str, Any] = {"model": "W0 + w_shared * dW_shared + w_private * dW_private", "method": exp.config.method.name}
+    if k:
+        mix.update(weights="per example", reference_examples=k)
+    else:
+        mix["weights"] = [float(w) for w in exp.private.weights(None, None)]
+    (out / MIX_FILE).write_text(json.dumps(mix, indent=2) + "\n", encoding="utf-8")
 
 
 # ---- which saved model ---------------------------------------------------------------------------------------
@@ -262,8 +294,9 @@ def evaluate(run: str | Path, client: int | None = None, model_dir: str | Path |
         folder = saved_folder(run, client, cfg)
         adapter = "default" if client is None else exp.client_adapters[client]
         state = load_into(exp, folder, adapter)
-        if task is exp.task:
-            metrics = exp.trainer.evaluate(state, idx, adapter)  # exactly the run's evaluation
+        if task is exp.task:  # exactly the run's evaluation (a client's with both adapters, where it has two)
+            data = exp.clients[client] if client is not None else None
+            metrics = exp.trainer.evaluate(state, idx, adapter, exp.private if data else None, data)
         else:
             exp.trainer.load(state, adapter)
             with bf16:
@@ -331,6 +364,13 @@ def load_into(exp: Experiment, folder: Path, adapter: str = "default") -> dict[s
     state = {k: v for k, v in saved.items() if k in expected}
     if set(state) != expected:
         raise FedloraError(f"{str(folder)!r} does not hold this run's adapter: missing {sorted(expected - set(state))[:3]}")
+    if (folder / PRIVATE_DIR / "adapter_model.safetensors").is_file() and exp.trainer.private_slots:
+        from fedlora.adapters import PRIVATE
+
+        private = {PRIVATE + k: v for k, v in load_file(str(folder / PRIVATE_DIR / "adapter_model.safetensors")).items()}
+        if set(private) != set(exp.trainer.private_slots):
+            raise FedloraError(f"{str(folder / PRIVATE_DIR)!r} does not hold this run's private adapter")
+        state.update(private)
     return state
 
 

@@ -15,7 +15,8 @@ SHARED_MODULES = ("core", "kind")
 
 _CORE = ("AdapterInfo", "LayerMeta", "Role", "State", "add_rank_adapters", "attach", "layer_of", "layer_pairs",
          "lora_layers", "nbytes", "peft_config", "projection_fingerprint", "rank_adapter_name", "read_state", "role",
-         "saved_name", "scaling", "slots", "write_state", "kind_of")
+         "saved_name", "scaling", "slots", "write_state", "kind_of", "PRIVATE", "PRIVATE_ADAPTER", "Mixing",
+         "add_private_adapter", "private_part", "shared_part")
 
 
 def __getattr__(name: str) -> Any:

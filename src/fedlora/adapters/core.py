@@ -213,3 +213,80 @@ def lora_layers(model: nn.Module, keys: tuple[str, ...], adapter_name: str = "de
 def nbytes(payload: Mapping[str, torch.Tensor]) -> int:
     """Bytes of the tensors in a message: numel × element size of what is actually in it."""
     return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+# ---- a second, private adapter on every client (a method's ``private`` spec: FedDPA's local adapter) ---------
+# A client's state holds the private adapter's tensors beside the shared ones, under PRIVATE + the saved name; the
+# method's AdapterInfo never lists them, so no plan uploads them and the server rejects any upload that has them.
+PRIVATE = "private/"
+PRIVATE_ADAPTER = "private"  # its PEFT adapter name in the one shared model
+
+
+def add_private_adapter(peft_model: PeftModel, cfg: AdapterConfig) -> dict[str, nn.Parameter]:
+    """Add the PEFT adapter :data:`PRIVATE_ADAPTER` (same kind, rank and targets as ``default``) and return its slots,
+    ``{PRIVATE + saved name: live parameter}``, A and B only: the task head stays with the shared adapter (PEFT
+    gives the new adapter a copy of the head, which is never trained, saved or used). Initialised like
+    :func:`attach` but from ``adapter.seed + 1``, so that its A is not a copy of the shared adapter's A. The
+    ``default`` adapter stays the only active one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        peft_model.add_adapter(PRIVATE_ADAPTER, peft_config(cfg, None))
+    peft_model.set_adapter("default")
+    live = {saved_name(n, PRIVATE_ADAPTER): p for n, p in peft_model.named_parameters()
+            if f".{PRIVATE_ADAPTER}." in n and ".modules_to_save." not in n}
+    return {PRIVATE + k: p for k, p in sorted(live.items()) if role(k) in ("A", "B")}
+
+
+def private_part(state: Mapping[str, torch.Tensor]) -> State:
+    """The private adapter's tensors of a client's state (keys keep their :data:`PRIVATE` prefix)."""
+    return {k: v for k, v in state.items() if k.startswith(PRIVATE)}
+
+
+def shared_part(state: Mapping[str, torch.Tensor]) -> State:
+    """Everything of a client's state but its private adapter."""
+    return {k: v for k, v in state.items() if not k.startswith(PRIVATE)}
+
+
+class Mixing:
+    """Both adapters in the forward, each with a weight on its ΔW: y = W0·x + w_s·s·B_s·A_s·x + w_p·s·B_p·A_p·x.
+
+    A context manager over the live model. Each weight is a float, or a 1-D tensor with one weight per example of
+    the batch (FedDPA's instance-wise weighting: set :attr:`weights` before each forward). It works through PEFT's
+    own per-adapter ``scaling``: on entry both adapters become active on every LoRA layer (frozen: the caller sets
+    ``requires_grad`` on what it trains), and a pre-hook on each layer sets ``scaling[name] = s · w`` shaped for
+    that layer's input; on exit only ``default`` is active and every scaling is back to s.
+    """
+
+    def __init__(self, peft_model: PeftModel, shared: float | torch.Tensor, private: float | torch.Tensor) -> None:
+        self.model = peft_model
+        self.weights: tuple[float | torch.Tensor, float | torch.Tensor] = (shared, private)
+        self._layers: list[tuple[nn.Module, dict[str, Any]]] = []
+        self._base: dict[int, dict[str, Any]] = {}
+        self._hooks: list[Any] = []
+
+    def __enter__(self) -> Mixing:
+        from peft.tuners.lora import LoraLayer
+
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer) and PRIVATE_ADAPTER in module.lora_A:
+                self._layers.append((module, dict(module.scaling)))
+                self._base[id(module)] = self._layers[-1][1]
+                module.set_adapter(["default", PRIVATE_ADAPTER], inference_mode=True)
+                self._hooks.append(module.register_forward_pre_hook(self._scale))
+        return self
+
+    def _scale(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        base = self._base[id(module)]
+        ndim = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 1
+        for name, w in zip(("default", PRIVATE_ADAPTER), self.weights):
+            if isinstance(w, torch.Tensor):  # one weight per example: (batch, 1, ..., 1) against the layer's input
+                w = w.reshape(-1, *([1] * (ndim - 1)))
+            module.scaling[name] = base[name] * w  # type: ignore[index]
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        for module, scaling in self._layers:
+            module.scaling.update(scaling)  # type: ignore[union-attr]
+            module.set_adapter(["default"], inference_mode=True)
+        self._hooks, self._layers, self._base = [], [], {}

@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # torch, peft and the maths load when a method first computes
     import torch
 
     from fedlora.adapters.core import AdapterInfo, LayerMeta, State
+    from fedlora.client import PrivateAdapter
 
 
 class Method(ABC):
@@ -77,6 +78,12 @@ class Method(ABC):
     def frozen_keys(self) -> tuple[str, ...]:
         """Keys a client does not train (FFA-LoRA's A)."""
         return ()
+
+    def private_adapter(self) -> PrivateAdapter | None:
+        """A second adapter every client holds beside the shared one and never sends, with how it trains and how the
+        two combine into the client's own model (:class:`fedlora.client.PrivateAdapter`: FedDPA's local adapter);
+        None here. Asked once, when the experiment is built."""
+        return None
 
     def plan(self, round_: int) -> RoundPlan:
         """Round ``round_``'s plan. The default is the same every round: train all but :meth:`frozen_keys`, upload
