@@ -1,7 +1,8 @@
 """Accurate aggregation on real data (issue 3): FLoRA-NA's factor split, and agg_error / accuracy per method.
 
     .venv/bin/python benchmarks/demo_aggregation.py split [--seeds 0,1,2]   # choose method.na_split
-    .venv/bin/python benchmarks/demo_aggregation.py table [--seeds 0]       # fedit, flora-na, fedex, flora
+    .venv/bin/python benchmarks/demo_aggregation.py table [--seeds 0]       # every registered method
+    .venv/bin/python benchmarks/demo_aggregation.py ranks [--seeds 0]       # clients of ranks 4, 8, 16
 
 ``split``: FLoRA-NA with ``na_split = balanced`` and ``= fedit-scale`` on both bundled classification datasets
 (minilm, Dirichlet 0.5, 3 clients) at the replication budget of ``benchmarks/paper_claims.py`` (short runs, so
@@ -11,10 +12,11 @@ from it, so the comparison is of final accuracies. The default of ``method.na_sp
 higher mean global accuracy (ties: personalized accuracy).
 
 ``table``: the default demo configuration (``fedlora run`` without a config file: minilm, rotten-tomatoes,
-2,400 examples, 3 clients Dirichlet 0.5, LoRA r=8 on q/v, 8 rounds × 10 local steps) with fedit, flora-na,
-fedex and flora, plus flora-na with the other split and flora with heterogeneous client ranks (4, 8, 16):
-``agg_error`` of every round and the final global and personalized accuracy. Every run is a ``fedlora compare`` grid into ``--out``, so the command
-is resumable: run it again and finished runs are reused.
+2,400 examples, 3 clients Dirichlet 0.5, LoRA r=8 on q/v, 8 rounds × 10 local steps) with every registered method:
+``agg_error`` at rounds 1, 4 and 8, the final global and personalized accuracy, MiB up and down, wall time.
+``ranks``: the same with client ranks [4, 8, 16], for every method that accepts per-client ranks (FLoRA, FlexLoRA,
+FLoRA-NA). Every run is a ``fedlora compare`` grid into ``--out``, so the command is resumable: run it again and
+finished runs are reused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from fedlora import config  # noqa: E402
 from fedlora.compare import compare  # noqa: E402
+from fedlora.registry import METHODS  # noqa: E402
 from fedlora.results import RunResult, find_runs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,7 +40,6 @@ from paper_claims import BUDGET  # noqa: E402  (the replication's per-run budget
 
 SPLITS = ("balanced", "fedit-scale")
 DATASETS = ("rotten-tomatoes", "bbc-news")
-TABLE_METHODS = ("fedit", "flora-na", "fedex", "flora")
 HETERO_RANKS = "[4,8,16]"
 
 
@@ -78,48 +80,60 @@ def split(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+AT_ROUNDS = (1, 4, 8)  # the rounds whose agg_error the table shows
+
+
+def _row(label: str, path: Path) -> str:
+    run = find_runs([path])[0][0]
+    errs = {x["round"]: x.get("agg_error") for x in run.records}
+    cells = [f"{errs[t]:.1e}" if errs.get(t) is not None else "–" for t in AT_ROUNDS]
+    s = run.summary
+    glob = f"{100 * s['acc_global']:.1f}" if s.get("acc_global") is not None else "–"
+    return (f"| {label} | {run.seed} | " + " | ".join(cells) + f" | {glob} | {100 * s['acc_personal_mean']:.1f} / "
+            f"{100 * s['acc_personal_weighted']:.1f} | {s['bytes_up_total'] / 2**20:.2f} / "
+            f"{s['bytes_down_total'] / 2**20:.2f} | {s['wall_seconds']:.0f} |")
+
+
+def _head(first: str) -> list[str]:
+    head = f"| {first} | seed | " + " | ".join(f"agg_error r{t}" for t in AT_ROUNDS) \
+        + " | global acc % | personalized acc % (mean / weighted) | MiB up / down | wall s |"
+    return [head, "|" + "---|" * (len(AT_ROUNDS) + 6)]
+
+
 def table(args: argparse.Namespace) -> str:
-    rows: list[tuple[str, Path]] = []
-    cfg = config.load(None, args.overrides)
+    """Every registered method (or --methods) on the default demo configuration, LoRA."""
+    methods = args.methods.split(",") if args.methods else list(METHODS.names())
     where = Path(args.out) / "table"
-    compare(cfg, list(TABLE_METHODS), ["lora"], args.seeds, where, progress=not args.quiet)
-    rows += [(r.method, r.path) for r in _runs(where)]
-    split_dir = Path(args.out) / "table-fedit-scale"
-    cfg = config.load(None, ["method.na_split=fedit-scale", *args.overrides])
-    compare(cfg, ["flora-na"], ["lora"], args.seeds, split_dir, progress=not args.quiet)
-    rows += [("flora-na (na_split fedit-scale)", r.path) for r in _runs(split_dir)]
-    hetero = Path(args.out) / "table-hetero"
-    cfg = config.load(None, ["method.name=flora", f"adapter.rank={HETERO_RANKS}", *args.overrides])
-    compare(cfg, ["flora"], ["lora"], args.seeds, hetero, progress=not args.quiet)
-    rows += [(f"flora, ranks {HETERO_RANKS}", r.path) for r in _runs(hetero)]
-    order = {m: i for i, m in enumerate(TABLE_METHODS)}
-    rows.sort(key=lambda x: (order.get(x[0].split(" ")[0].rstrip(","), len(order)), x[0], str(x[1])))
-    rounds = max(len(find_runs([p])[0][0].records) for _, p in rows) - 1
-    head = "| method | seed | " + " | ".join(f"agg_error r{t}" for t in range(1, rounds + 1)) \
-        + " | global acc % | personalized acc % (mean / weighted) | MiB up / down |"
-    lines = [head, "|" + "---|" * (rounds + 5)]
-    for label, path in rows:
-        run = find_runs([path])[0][0]
-        errs = {x["round"]: x.get("agg_error") for x in run.records}
-        cells = [f"{errs[t]:.1e}" if errs.get(t) is not None else "–" for t in range(1, rounds + 1)]
-        s = run.summary
-        lines.append(f"| {label} | {run.seed} | " + " | ".join(cells)
-                     + f" | {100 * s['acc_global']:.1f} | {100 * s['acc_personal_mean']:.1f} / "
-                     f"{100 * s['acc_personal_weighted']:.1f} | {s['bytes_up_total'] / 2**20:.2f} / "
-                     f"{s['bytes_down_total'] / 2**20:.2f} |")
+    compare(config.load(None, args.overrides), methods, ["lora"], args.seeds, where, progress=not args.quiet)
+    runs = sorted(_runs(where), key=lambda r: (methods.index(r.method) if r.method in methods else len(methods),
+                                               r.seed))
+    lines = _head("method")
+    lines += [_row(r.method, r.path) for r in runs if r.method in methods]
+    return "\n".join(lines)
+
+
+def ranks(args: argparse.Namespace) -> str:
+    """The methods that accept per-client ranks, with clients of ranks [4, 8, 16] on the demo configuration."""
+    methods = [m for m, cls in METHODS.items() if "per-client-ranks" in cls.provides]
+    where = Path(args.out) / "ranks"
+    cfg = config.load(None, [f"adapter.rank={HETERO_RANKS}", *args.overrides])
+    compare(cfg, methods, ["lora"], args.seeds, where, progress=not args.quiet)
+    lines = _head(f"method (ranks {HETERO_RANKS})")
+    lines += [_row(r.method, r.path) for r in sorted(_runs(where), key=lambda r: (methods.index(r.method), r.seed))]
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("split", "table"))
+    ap.add_argument("what", choices=("split", "table", "ranks"))
+    ap.add_argument("--methods", default=None, help="table: comma-separated methods (default: every registered one)")
     ap.add_argument("--out", default="runs/demo_aggregation", help="where the runs go (resumable)")
     ap.add_argument("--seeds", default=None, help="default: 0,1,2 for split, 0 for table")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra config override")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     args.seeds = [int(s) for s in (args.seeds or ("0,1,2" if args.what == "split" else "0")).split(",")]
-    text = split(args) if args.what == "split" else table(args)
+    text = {"split": split, "table": table, "ranks": ranks}[args.what](args)
     print(text)
     report = Path(args.out) / f"{args.what}.md"
     report.parent.mkdir(parents=True, exist_ok=True)
