@@ -116,7 +116,7 @@ def ranks(args: argparse.Namespace) -> str:
     """The methods that accept per-client ranks, with clients of ranks [4, 8, 16] on the demo configuration."""
     methods = [m for m, cls in METHODS.items() if "per-client-ranks" in cls.provides]
     where = Path(args.out) / "ranks"
-    cfg = config.load(None, [f"adapter.rank={HETERO_RANKS}", *args.overrides])
+    cfg = config.load(None, [f"method.name={methods[0]}", f"adapter.rank={HETERO_RANKS}", *args.overrides])
     compare(cfg, methods, ["lora"], args.seeds, where, progress=not args.quiet)
     lines = _head(f"method (ranks {HETERO_RANKS})")
     lines += [_row(r.method, r.path) for r in sorted(_runs(where), key=lambda r: (methods.index(r.method), r.seed))]

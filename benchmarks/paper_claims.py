@@ -38,7 +38,7 @@ import claims_check  # noqa: E402  (benchmarks/claims_check.py: the verdicts)
 from fedlora import __version__, config  # noqa: E402
 from fedlora.analyze import asymmetry  # noqa: E402
 from fedlora.compare import compare  # noqa: E402
-from fedlora.registry import ADAPTERS  # noqa: E402
+from fedlora.registry import ADAPTERS as ADAPTER_KINDS  # noqa: E402
 from fedlora.methods import METHODS  # noqa: E402
 from fedlora.results import find_runs, group_runs  # noqa: E402
 
@@ -110,7 +110,7 @@ def sweep(args: argparse.Namespace, out: Path) -> tuple[dict[str, float], list[t
     for adapter in ADAPTERS:
         best: tuple[float, float] | None = None
         for m in args.multipliers:
-            lr = float(ADAPTERS.lookup(adapter).default_lr) * m
+            lr = float(ADAPTER_KINDS.lookup(adapter).default_lr) * m
             where = out / "sweep" / f"{adapter}-lr{lr:g}"
             compare(base_config(args, setting, lr), methods, [adapter], [SWEEP_SEED], where, progress=not args.quiet)
             runs, _ = find_runs([where])
