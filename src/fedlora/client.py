@@ -161,7 +161,7 @@ class LocalTrainer:
         seed = round_seed(cfg.seed, round_, data.client_id, 1)
         losses = []
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), \
-                Mixing(self.model, *step.weights):  # type: ignore[arg-type]
+                Mixing(self.model, *step.weights):
             for p in params:  # after Mixing's entry, which freezes both adapters
                 p.requires_grad_(True)
             torch.manual_seed(seed)
@@ -231,14 +231,14 @@ class LocalTrainer:
     def _evaluate_mixed(self, idx: np.ndarray, private: PrivateAdapter, data: ClientData | None) -> dict[str, float]:
         k = private.reference_examples
         if k == 0:
-            with Mixing(self.model, *private.weights(None, None)):  # type: ignore[arg-type]
+            with Mixing(self.model, *private.weights(None, None)):
                 return self.task.evaluate(self.model, idx, self.cfg.eval_batch_size, self.device)
         if data is None or len(data.train) == 0:
             raise ValueError("instance-wise weights need the client's training examples as reference")
         # The same K reference examples at every evaluation of a client: drawn from (train.seed, client) only.
         rng = np.random.default_rng([self.cfg.seed, data.client_id, 0xD9A])
         ref_idx = np.sort(rng.choice(data.train, size=min(k, len(data.train)), replace=False))
-        with Mixing(self.model, 0.0, 1.0) as mix:  # type: ignore[arg-type]
+        with Mixing(self.model, 0.0, 1.0) as mix:
             reference = embed(self.model, self.task.batch(ref_idx, self.device))
 
             def weigh(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

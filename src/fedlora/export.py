@@ -80,7 +80,7 @@ def write_private_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], fo
     """Where ``state`` holds a private adapter: ``folder/private/`` (adapter_config.json, adapter_model.safetensors,
     saved names without the private prefix) and ``folder/private/fedlora_mix.json`` (the weights of the client's
     model W0 + w_s·ΔW_shared + w_p·ΔW_private, or how they are computed per example). Else nothing."""
-    from dataclasses import replace as dc_replace
+    import copy
 
     from safetensors.torch import save_file
 
@@ -93,7 +93,8 @@ def write_private_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], fo
     out.mkdir()
     save_file({k[len(PRIVATE):]: v.detach().cpu().contiguous() for k, v in private.items()},
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = dc_replace(exp.model.peft_config[PRIVATE_ADAPTER], modules_to_save=None)  # type: ignore[index]
+    cfg: Any = copy.copy(exp.model.peft_config[PRIVATE_ADAPTER])
+    cfg.modules_to_save = None  # the head is the shared adapter's (PEFT's copy of it is never trained)
     cfg.save_pretrained(str(out))
     k = exp.private.reference_examples
     mix: dict[str, Any] = {"model": "W0 + w_shared * dW_shared + w_private * dW_private", "method": exp.config.method.name}
@@ -295,8 +296,8 @@ def evaluate(run: str | Path, client: int | None = None, model_dir: str | Path |
         adapter = "default" if client is None else exp.client_adapters[client]
         state = load_into(exp, folder, adapter)
         if task is exp.task:  # exactly the run's evaluation (a client's with both adapters, where it has two)
-            data = exp.clients[client] if client is not None else None
-            metrics = exp.trainer.evaluate(state, idx, adapter, exp.private if data else None, data)
+            own = exp.clients[client] if client is not None else None
+            metrics = exp.trainer.evaluate(state, idx, adapter, exp.private if own else None, own)
         else:
             exp.trainer.load(state, adapter)
             with bf16:

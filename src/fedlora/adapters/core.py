@@ -76,7 +76,7 @@ def scaling(cfg: AdapterConfig, rank: int | None = None) -> float:
     return kind_of(cfg).scaling(cfg, rank if rank is not None else cfg.max_rank)
 
 
-def peft_config(cfg: AdapterConfig, task_type: TaskType, rank: int | None = None) -> Any:
+def peft_config(cfg: AdapterConfig, task_type: TaskType | None, rank: int | None = None) -> Any:
     """The PEFT config of an adapter section (``rank`` overrides a per-client list)."""
     return kind_of(cfg).peft_config(cfg, task_type, rank if rank is not None else cfg.max_rank)
 

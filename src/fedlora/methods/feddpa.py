@@ -51,7 +51,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping, Sequence
 
 from fedlora.config import Config
-from fedlora.errors import ConfigError
 from fedlora.methods.base import Method
 from fedlora.protocol import Broadcast, Upload
 from fedlora.registry import METHODS, Option
@@ -97,11 +96,15 @@ class FedDPA(Method):
 
     def __init__(self, config: Config, info: AdapterInfo) -> None:
         super().__init__(config, info)
-        m = config.method
-        if m.dpa_weighting == "dynamic" and config.data.task == "generation":
-            raise ConfigError("method.dpa_weighting = 'dynamic' is implemented for classification only (in generation "
-                              "the weighting forward would see the response); use 'fixed'")
-        self.alpha = float(m.dpa_alpha)
+        self.alpha = float(config.method.dpa_alpha)
+
+    @classmethod
+    def check_config(cls, config: Config) -> str | None:
+        # data.task may still be "auto" here: the same resolution as Config.resolved
+        if config.method.dpa_weighting == "dynamic" and config._resolve_task() == "generation":
+            return ("method.dpa_weighting = 'dynamic' is implemented for classification only (in generation the "
+                    "weighting forward would see the response); use 'fixed'")
+        return None
 
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         payload = self.average(uploads, self.shared_keys())
