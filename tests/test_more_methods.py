@@ -8,6 +8,8 @@ delivered each round, bytes, agg_error). Conformance (resume, Flower, export) is
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -214,3 +216,17 @@ def test_flora_na_ranks_refuse_the_estimators_that_need_one_shape() -> None:
     with pytest.raises(ConfigError, match="adapter.rank = \\[2, 4, 8\\] needs clients with adapters of different "
                                           "ranks.*'flexlora'"):
         load(None, ["method.name=lora-fair", RANKS])
+
+
+def test_no_rule_forms_a_dk_matrix() -> None:
+    """d = k = 200,000: one d×k float32 matrix would take 160 GB, the factors a few MB. Every rule (and the error
+    measure) runs, so none of them forms ΔW̄ or B·A."""
+    d, r = 200_000, 2
+    g = torch.Generator().manual_seed(0)
+    Bs = [torch.randn(d, r, generator=g) * 1e-2 for _ in range(3)]
+    As = [torch.randn(r, d, generator=g) / 400 for _ in range(3)]
+    w = [1.0, 2.0, 3.0]
+    for B, A in (F.flexlora(Bs, As, w), F.flora_na(Bs, As, w), F.fedsvd(Bs, As[0], w), F.lora_fair(Bs, As, w),
+                 F.flexlora([Bs[0][:, :1], *Bs[1:]], [As[0][:1], *As[1:]], w)):
+        assert B.shape == (d, r) and A.shape == (r, d) and bool(torch.isfinite(B).all() and torch.isfinite(A).all())
+        assert 0 <= F.relative_error(Bs, As, w, B, A) < math.inf
