@@ -4,6 +4,7 @@ evaluated) is in tests/test_conformance.py; here: what is specific to the second
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -210,3 +211,28 @@ def test_killed_after_local_training_resumes_bit_identical(tmp_path: Path, monke
 def test_refused_at_config_time_with_the_reason(overrides: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         tiny_config("method.name=feddpa", *overrides)
+
+
+def test_export_serves_both_adapters_with_plain_peft(tmp_path: Path) -> None:
+    """``fedlora export --client k`` writes one PEFT adapter (rank 2r: [w_g·B_g, w_l·B_l], [A_g; A_l]) that plain
+    PEFT loads as the client's personalized model: the same logits as the run's own evaluation of that client."""
+    from fedlora.experiment import build
+    from fedlora.export import export, load_exported, load_into
+
+    cfg = tiny_config(*DPA, "train.rounds=2", "adapter.dropout=0.0")
+    run = tmp_path / "run"
+    simulation.run(cfg, RunDir(run), progress=False)
+    info = export(run, 1, tmp_path / "out")
+    assert info["model"] == "client 1" and not (tmp_path / "out" / ".combined").exists()
+    served = load_exported(tmp_path / "out", cfg.resolved())
+    exp = build(cfg)
+    state = load_into(exp, run / "clients" / "1")
+    assert set(private_part(state)) == set(exp.trainer.private_slots)
+    batch = {k: v for k, v in exp.task.batch(exp.clients[1].test[:6], exp.device).items() if k != "labels"}
+    exp.trainer.load(state)
+    with torch.inference_mode():
+        with Mixing(exp.model, *exp.private.weights(None, None)):
+            ours = exp.model(**batch).logits
+        theirs = served(**batch).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    assert json.loads((run / "clients" / "1" / "private" / "fedlora_mix.json").read_text())["weights"] == [0.5, 0.5]

@@ -208,8 +208,15 @@ def export(run: str | Path, client: int | None, out: str | Path, merged: bool = 
     tokenizer = models.load_tokenizer(cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     try:
+        adapter = folder
+        if (folder / PRIVATE_DIR).is_dir():  # FedDPA: the client's two adapters as the one adapter they sum to
+            adapter = out / ".combined"
+            combine_private(folder, adapter)
         if merged:
-            load_saved(run, client).merge_and_unload().save_pretrained(str(out))
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(_saved_base(cfg, folder), str(adapter)).eval()
+            model.merge_and_unload().save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
         else:
             base_dir = out / "base"  # the base the adapter was trained on (with FedEx's / FLoRA's changed weights)
@@ -217,10 +224,12 @@ def export(run: str | Path, client: int | None, out: str | Path, merged: bool = 
             tokenizer.save_pretrained(str(base_dir))
             tokenizer.save_pretrained(str(out))
             for name in ("adapter_config.json", "adapter_model.safetensors"):
-                shutil.copyfile(folder / name, out / name)
+                shutil.copyfile(adapter / name, out / name)
             adapter_cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
             adapter_cfg["base_model_name_or_path"] = str(base_dir.resolve())
             (out / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n", encoding="utf-8")
+        if adapter != folder:
+            shutil.rmtree(adapter)
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise
@@ -229,6 +238,44 @@ def export(run: str | Path, client: int | None, out: str | Path, merged: bool = 
             "task": cfg.data.task, "load": _load_hint(cfg, out, merged)}
     (out / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def combine_private(folder: Path, dest: Path) -> None:
+    """Write into ``dest`` the one PEFT LoRA adapter that equals a client's shared adapter (``folder``) and private
+    adapter (``folder/private``) combined with fixed weights: W0 + w_s·s·B_s·A_s + w_p·s·B_p·A_p is the rank-2r
+    adapter B = [w_s·B_s, w_p·B_p], A = [A_s; A_p] at the same scaling s (lora_alpha = s·2r, no rsLoRA); the head,
+    if any, is the shared adapter's. Per-example weights (FedDPA's dynamic weighting) have no such form: refused."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    mix = json.loads((folder / PRIVATE_DIR / MIX_FILE).read_text(encoding="utf-8"))
+    if not isinstance(mix.get("weights"), list):
+        raise FedloraError(f"{str(folder)!r}: this client's model weighs its two adapters per example (dynamic "
+                           "weighting), which one PEFT adapter cannot express; fedlora evaluate serves it, or run with "
+                           "fixed weights to export")
+    w_s, w_p = (float(w) for w in mix["weights"])
+    shared = load_file(str(folder / "adapter_model.safetensors"))
+    private = load_file(str(folder / PRIVATE_DIR / "adapter_model.safetensors"))
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    if config.get("rank_pattern") or config.get("alpha_pattern") or config.get("use_dora"):
+        raise FedloraError(f"{str(folder)!r}: only a plain LoRA / rsLoRA adapter of one rank can be combined")
+    r = int(config["r"])
+    s = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+    combined = dict(shared)
+    for key, t in private.items():
+        if key.endswith(".lora_A.weight"):
+            combined[key] = torch.cat([shared[key], t], dim=0)
+        elif key.endswith(".lora_B.weight"):
+            combined[key] = torch.cat([w_s * shared[key], w_p * t], dim=1)
+        else:
+            raise FedloraError(f"{str(folder / PRIVATE_DIR)!r} holds {key!r}, which is not a LoRA factor")
+    config.update(r=2 * r, lora_alpha=s * 2 * r, use_rslora=False)
+    dest.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in combined.items()}, str(dest / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
 def _auto_class(cfg: Config) -> str:
