@@ -155,7 +155,8 @@ def loopback_run(cfg, out: Path, node_extra: dict[int, dict] | None = None, grid
     return grid
 
 
-@pytest.mark.parametrize("method,extra", [("fedsa", ()), ("fedit", ()), ("fedex", ()), ("flora", ("adapter.rank=[2,4]",))])
+@pytest.mark.parametrize("method,extra", [("fedsa", ()), ("fedit", ()), ("fedex", ()), ("flora", ("adapter.rank=[2,4]",)),
+                                          ("flexlora", ("adapter.rank=[2,4]",))])
 def test_serverapp_and_clientapp_give_the_embedded_results(tmp_path: Path, task_identity: None, method: str,
                                                            extra: tuple[str, ...]) -> None:
     cfg = tiny_config("data.num_clients=2", "train.rounds=2", f"method.name={method}", *extra)

@@ -44,10 +44,11 @@ def test_sigkill_at_a_point_then_resume_gives_the_uninterrupted_result(tmp_path,
     assert_same_run(reference, out)
 
 
-def test_flora_with_per_client_ranks_resumes_bit_identical(tmp_path) -> None:
-    """FLoRA's clients of different ranks (one PEFT adapter per rank): the server's per-rank references, the
-    clients' states and the merged base weights all come back from the checkpoint."""
-    hetero = (*TINY, "train.rounds=3", "method.name=flora", "adapter.rank=[2,4,3]")
+@pytest.mark.parametrize("method", ["flora", "flexlora"])
+def test_per_client_ranks_resume_bit_identical(tmp_path, method: str) -> None:
+    """Clients of different ranks (one PEFT adapter per rank): the server's per-rank references, the clients'
+    states, FlexLoRA's per-rank truncations and FLoRA's merged base weights all come back from the checkpoint."""
+    hetero = (*TINY, "train.rounds=3", f"method.name={method}", "adapter.rank=[2,4,3]")
     ref = tmp_path / "ref"
     simulation.run(cfgmod.load(None, list(hetero)), RunDir(ref), progress=False)
     out = tmp_path / "run"
