@@ -41,7 +41,7 @@ def test_config_file_and_overrides(tmp_path, capsys) -> None:
 
 
 BAD = [
-    (["--set", "method.name=fedavg"], "method.name = 'fedavg' is not allowed; choose one of: fedex, fedit"),
+    (["--set", "method.name=fedavg"], "method.name = 'fedavg' is not allowed; choose one of: feddpa, fedex, fedit"),
     (["--set", "method.nmae=fedit"], "unknown key method.nmae (did you mean 'name'?)"),
     (["--set", "trian.rounds=3"], "unknown section [trian] (did you mean 'train'?)"),
     (["--set", "train.rounds=-1"], "train.rounds = -1 is out of range; it must be >= 1"),
