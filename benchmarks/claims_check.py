@@ -1,249 +1,352 @@
-"""The verdicts of benchmarks/paper_claims.py and the text of docs/results.md.
+"""The statistics, verdicts and text of benchmarks/replication.py (docs/results.md), issue 17.
 
-Every claim is judged on means over seeds, exactly as stated in issue 6; a claim that does not hold is written
-as not holding, with its numbers. Per-seed (paired) wins are shown next to each mean comparison because with
-three seeds and ~100 test examples a difference of a few points is within noise.
+Every claimed inequality "X beats Y" is judged on the paired difference X_s − Y_s over seeds s (same data
+subsample, partition, test splits and initialisation for every method of a seed), with a 95% Student-t interval:
+
+- **holds** when the interval lies entirely on the claimed side of zero,
+- **does not hold** when it lies entirely on the other side,
+- **inconclusive** otherwise (or with fewer than two seeds),
+- **did not learn** instead of any of these when, for an accuracy, one of the two methods does not beat the
+  majority-class floor by MARGIN (mean over seeds): the comparison would then be between models that learned
+  nothing but the label skew, and it is not made.
+
+Nothing here runs a model: replication.py gathers the numbers (:class:`CellResult`) and calls :func:`document`.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
+import math
+import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from safetensors import safe_open
+from scipy import stats as scipy_stats
 
-from fedlora.adapters import role
-from fedlora.results import Group, find_runs, results_markdown
+# A method "learned" when its accuracy beats the majority-class floor by at least this much (mean over seeds).
+MARGIN = 0.05
+LEVEL = 0.95
 
-CLAIMS = {
-    1: "FedSA-LoRA's personalized accuracy is higher than FedIT's and FFA-LoRA's under non-IID data, and the same "
-       "holds for the rsLoRA and VeRA variants.",
-    2: "Learned A matrices are more similar across clients than learned B matrices.",
-    3: "FLoRA-NA's aggregation error is below FedIT's, and its global accuracy is at least FedIT's.",
-    4: "FedSA-LoRA uploads exactly the A side: its upload bytes match the A tensors' sizes.",
-}
+
+# --------------------------------------------------------------------------------------------- the grid's shape
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of a table: a method under one protocol (head private or shared, weighting, centralized)."""
+
+    key: str  # unique within a (dataset, optimizer)
+    method: str
+    label: str  # what the tables call it
+    adapter: str = "lora"
+    share_head: bool | None = None  # None: the method's default
+    weighting: str = "samples"
+    central: bool = False  # one client holding the pooled training data, the same examples seen
+    tune_as: str | None = None  # reuse the tuned learning rate of this variant (same method, other protocol)
+    reference: bool = False  # a reference row (local, centralized), not a federated method
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claimed inequality: ``left`` beats ``right`` on ``metric`` (``higher`` better or lower)."""
+
+    number: str
+    left: str  # variant keys
+    right: str
+    metric: str  # "personal", "global", "agg_error", "agg_error_r1", "acc_per_mib"
+    higher: bool = True
+
+
+@dataclass(frozen=True)
+class Block:
+    """A part of the grid: datasets × one optimizer × variants, with the claims it tests. ``borrow`` names variants
+    of other blocks (same dataset and optimizer) that its claims and table use."""
+
+    name: str
+    title: str
+    datasets: tuple[str, ...]
+    optimizer: str
+    variants: tuple[Variant, ...]
+    claims: tuple[Claim, ...] = ()
+    borrow: tuple[str, ...] = ()
+
+
+# ------------------------------------------------------------------------------------------ measured numbers
+
+@dataclass
+class RunNumbers:
+    """The per-run values the verdicts and tables read."""
+
+    personal: float | None
+    global_: float | None
+    bytes_total: int
+    agg_error: float | None  # mean over trained rounds
+    agg_error_r1: float | None
+    curve: list[tuple[int, float]]  # (round, personalized accuracy) at every evaluated round
+    wall: float
+
+    @property
+    def acc_per_mib(self) -> float | None:
+        if self.personal is None or self.bytes_total <= 0:
+            return None
+        return self.personal / (self.bytes_total / 2**20)
 
 
 @dataclass
-class Verdict:
-    number: int
-    verdict: str  # "held", "did not hold" or "not evaluated"
-    summary: str
-    details: list[str] = field(default_factory=list)
+class CellResult:
+    """One (dataset, optimizer, variant) of the main grid: its learning rate and its runs by seed."""
+
+    dataset: str
+    optimizer: str
+    variant: Variant
+    lr: float | None
+    runs: dict[int, RunNumbers] = field(default_factory=dict)
+
+    def values(self, metric: str) -> dict[int, float]:
+        out = {}
+        for seed, r in self.runs.items():
+            v = r.global_ if metric == "global" else getattr(r, metric)
+            if v is not None and not (isinstance(v, float) and math.isnan(v)):
+                out[seed] = float(v)
+        return out
 
 
-def _pct(mean: float | None, std: float | None = None) -> str:
-    if mean is None:
-        return "—"
-    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+@dataclass(frozen=True)
+class Floors:
+    """Majority-class floors of one (dataset, seed): mean over clients of the accuracy of predicting each client's
+    training majority on its test split, and the pooled training majority on the global test set."""
+
+    personal: float
+    global_: float
+    clients: tuple[float, ...]
+    test_sizes: tuple[int, ...]
 
 
-def _by_label(groups: Sequence[Group]) -> dict[tuple[str, str], Group]:
-    return {(g.label[0], g.label[1]): g for g in groups}
+@dataclass(frozen=True)
+class Paired:
+    n: int
+    left: float
+    right: float
+    diff: float
+    lo: float
+    hi: float
 
 
-def _per_seed(group: Group, key: str) -> dict[int, Any]:
-    return {r.seed: r.summary.get(key) for r in group.runs}
+def paired(left: Mapping[int, float], right: Mapping[int, float]) -> Paired | None:
+    """Mean paired difference left − right over the seeds both have, with a 95% t interval (NaN below 2 seeds)."""
+    seeds = sorted(left.keys() & right.keys())
+    if not seeds:
+        return None
+    d = [left[s] - right[s] for s in seeds]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        lo = hi = math.nan
+    else:
+        half = float(scipy_stats.t.ppf(0.5 + LEVEL / 2, len(d) - 1)) * statistics.stdev(d) / math.sqrt(len(d))
+        lo, hi = mean - half, mean + half
+    return Paired(len(d), statistics.fmean(left[s] for s in seeds), statistics.fmean(right[s] for s in seeds),
+                  mean, lo, hi)
 
 
-def _verdict(results: Sequence[bool | None]) -> str:
-    if any(r is False for r in results):
-        return "did not hold"
-    if not results or any(r is None for r in results):
-        return "not evaluated"
-    return "held"
+def verdict(p: Paired | None, higher: bool = True) -> str:
+    """holds / does not hold / inconclusive, from the interval of left − right (``higher``: left claimed larger)."""
+    if p is None:
+        return "not run"
+    if p.n < 2 or math.isnan(p.lo):
+        return "inconclusive"
+    lo, hi = (p.lo, p.hi) if higher else (-p.hi, -p.lo)
+    if lo > 0:
+        return "holds"
+    if hi < 0:
+        return "does not hold"
+    return "inconclusive"
 
 
-def claim1(settings: Sequence[Any], groups: Mapping[str, Sequence[Group]]) -> Verdict:
-    lines = ["| setting | adapter | fedsa | fedit | ffa | fedsa > fedit | fedsa > ffa | seeds won (fedit, ffa) |",
-             "|---|---|---|---|---|---|---|---|"]
-    results: list[bool | None] = []
-    for s in settings:
-        if not s.non_iid or s.name not in groups:
-            continue
-        g = _by_label(groups[s.name])
-        for adapter in ("lora", "rslora", "vera"):
-            if ("fedsa", adapter) not in g:
-                continue
-            fedsa = g[("fedsa", adapter)]
-            cells, wins = [], []
-            for other in ("fedit", "ffa"):
-                if (other, adapter) not in g:
-                    cells.append("—")
-                    wins.append("—")
-                    results.append(None)
+def gain_over_floor(cell: CellResult, floors: Mapping[tuple[str, int], Floors], metric: str) -> float | None:
+    """Mean over seeds of accuracy − majority floor (personal or global); None without runs or floors."""
+    values = cell.values(metric)
+    gains = [v - (floors[(cell.dataset, s)].personal if metric == "personal" else floors[(cell.dataset, s)].global_)
+             for s, v in values.items() if (cell.dataset, s) in floors]
+    return statistics.fmean(gains) if gains else None
+
+
+def learned(cell: CellResult, floors: Mapping[tuple[str, int], Floors], metric: str) -> bool | None:
+    if cell.variant.central and metric == "personal":
+        metric = "global"  # its one client's test split is not the federated clients': judge it on the global set
+    g = gain_over_floor(cell, floors, metric)
+    return None if g is None else g >= MARGIN
+
+
+# ---------------------------------------------------------------------------------------------- the verdicts
+
+@dataclass
+class Row:
+    """One judged claim in one setting."""
+
+    claim: Claim
+    dataset: str
+    optimizer: str
+    left: CellResult | None
+    right: CellResult | None
+    result: Paired | None
+    verdict: str
+
+
+METRIC_NAMES = {"personal": "personalized accuracy", "global": "global accuracy",
+                "agg_error": "aggregation error (mean over rounds)", "agg_error_r1": "aggregation error, round 1",
+                "acc_per_mib": "personalized accuracy per MiB sent"}
+
+
+def judge(blocks: Sequence[Block], cells: Mapping[tuple[str, str, str], CellResult],
+          floors: Mapping[tuple[str, int], Floors]) -> list[Row]:
+    rows = []
+    for block in blocks:
+        for dataset in block.datasets:
+            for claim in block.claims:
+                left = cells.get((dataset, block.optimizer, claim.left))
+                right = cells.get((dataset, block.optimizer, claim.right))
+                if left is None or right is None or not left.runs or not right.runs:
+                    rows.append(Row(claim, dataset, block.optimizer, left, right, None, "not run"))
                     continue
-                o = g[(other, adapter)]
-                ok = fedsa.stats["personal_acc"][0] > o.stats["personal_acc"][0]
-                results.append(ok)
-                cells.append("yes" if ok else "**no**")
-                a, b = _per_seed(fedsa, "acc_personal_mean"), _per_seed(o, "acc_personal_mean")
-                common = sorted(a.keys() & b.keys())
-                wins.append(f"{sum(a[k] > b[k] for k in common)}/{len(common)}")
-            accs = [_pct(*g[(m, adapter)].stats["personal_acc"]) if (m, adapter) in g else "—"
-                    for m in ("fedsa", "fedit", "ffa")]
-            lines.append(f"| {s.name} | {adapter} | {' | '.join(accs)} | {cells[0]} | {cells[1]} | {', '.join(wins)} |")
-    n_ok = sum(r is True for r in results)
-    return Verdict(1, _verdict(results), f"fedsa ahead in {n_ok} of {len(results)} mean comparisons "
-                                         "(personalized accuracy, %, non-IID settings)", lines)
+                p = paired(left.values(claim.metric), right.values(claim.metric))
+                v = verdict(p, claim.higher)
+                if claim.metric in ("personal", "global", "acc_per_mib"):
+                    acc = "personal" if claim.metric == "acc_per_mib" else claim.metric
+                    dull = [c.variant.label for c in (left, right) if learned(c, floors, acc) is False]
+                    if dull:
+                        v = f"did not learn ({' and '.join(dull)})"
+                rows.append(Row(claim, dataset, block.optimizer, left, right, p, v))
+    return rows
 
 
-def claim2(asym_dirs: Sequence[Path]) -> Verdict:
-    lines = ["| analysis | A learned | B learned | A − init | B − init | A more similar (learned) |",
-             "|---|---|---|---|---|---|"]
-    results: list[bool | None] = []
-    a_all, b_all = [], []
-    for d in asym_dirs:
-        if not (d / "asymmetry.json").is_file():
-            continue
-        s = json.loads((d / "asymmetry.json").read_text())
-        ok = s["a_similarity"] > s["b_similarity"]
-        if s["adapter"] != "vera":  # the claim is about A and B matrices; VeRA's λ_d, λ_b are shown alongside
-            results.append(ok)
-            a_all.append(s["a_similarity"])
-            b_all.append(s["b_similarity"])
-        lines.append(f"| {d.name}{' (λ_d vs λ_b)' if s['adapter'] == 'vera' else ''} | {s['a_similarity']:.3f} | "
-                     f"{s['b_similarity']:.3f} | {s['a_change_similarity']:.3f} | {s['b_change_similarity']:.3f} | "
-                     f"{'yes' if ok else '**no**'} |")
-    summary = (f"mean pairwise cosine similarity, LoRA: A {sum(a_all) / len(a_all):.3f} vs B "
-               f"{sum(b_all) / len(b_all):.3f}" if a_all else "no analysis found")
-    return Verdict(2, _verdict(results), summary, lines)
+@dataclass(frozen=True)
+class Similarity:
+    """Claim 2 on one local-only run: mean over client pairs and layers of the cosine similarity."""
+
+    a: float
+    b: float
+    a_change: float
+    b_change: float
 
 
-def _round1_error(group: Group) -> float | None:
-    """Mean over seeds of round 1's agg_error: the one round where both methods aggregate identical uploads
-    (same initialisation, data and batches), so the comparison is of the rules alone."""
-    values = [rec["agg_error"] for r in group.runs for rec in r.records
-              if rec.get("round") == 1 and rec.get("agg_error") is not None]
-    return sum(values) / len(values) if values else None
+def similarity_rows(sims: Mapping[tuple[str, str], Mapping[int, Similarity]]) -> list[tuple[str, str, str, Paired | None,
+                                                                                            str]]:
+    """(dataset, optimizer, what, paired A − B, verdict) for the learned tensors and their change from init."""
+    out = []
+    for (dataset, optimizer), by_seed in sims.items():
+        for what, fa, fb in (("learned", "a", "b"), ("change from initialisation", "a_change", "b_change")):
+            p = paired({s: getattr(v, fa) for s, v in by_seed.items()}, {s: getattr(v, fb) for s, v in by_seed.items()})
+            out.append((dataset, optimizer, what, p, verdict(p)))
+    return out
 
 
-def claim3(settings: Sequence[Any], groups: Mapping[str, Sequence[Group]]) -> Verdict:
-    lines = ["| setting | agg error fedit | agg error flora-na | lower | round 1 (same uploads): fedit, flora-na | "
-             "global acc fedit | global acc flora-na | at least | seeds won |", "|---|---|---|---|---|---|---|---|---|"]
-    results: list[bool | None] = []
-    for s in settings:
-        g = _by_label(groups.get(s.name, []))
-        if ("fedit", "lora") not in g or ("flora-na", "lora") not in g:
-            continue
-        fedit, na = g[("fedit", "lora")], g[("flora-na", "lora")]
-        ef, en = fedit.stats["agg_error"][0], na.stats["agg_error"][0]
-        lower = None if ef is None or en is None else en < ef
-        gf, gn = fedit.stats["global_acc"][0], na.stats["global_acc"][0]
-        at_least = None if gf is None or gn is None else gn >= gf
-        results += [lower, at_least]
-        a, b = _per_seed(na, "acc_global"), _per_seed(fedit, "acc_global")
-        common = sorted(k for k in a.keys() & b.keys() if a[k] is not None and b[k] is not None)
+# ------------------------------------------------------------------------------------------------ formatting
 
-        def fmt(x: float | None) -> str:
-            return "not logged" if x is None else f"{x:.3g}"
-
-        word = {True: "yes", False: "**no**", None: "—"}
-        first = f"{fmt(_round1_error(fedit))}, {fmt(_round1_error(na))}"
-        lines.append(f"| {s.name} | {fmt(ef)} | {fmt(en)} | {word[lower]} | {first} | {_pct(*fedit.stats['global_acc'])} | "
-                     f"{_pct(*na.stats['global_acc'])} | {word[at_least]} | "
-                     f"{sum(a[k] >= b[k] for k in common)}/{len(common)} |")
-    summary = "no setting with both flora-na and fedit" if not results else (
-        f"{sum(r is True for r in results)} of {len(results)} comparisons hold"
-        + (" (agg_error is not logged by this version for one of the methods)" if None in results else ""))
-    return Verdict(3, _verdict(results), summary, lines)
+def pct(x: float | None) -> str:
+    return "—" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def a_side_bytes(run_dir: Path, share_head: bool) -> int:
-    """Bytes of the A-side tensors (and the head, if shared) in a client's saved adapter."""
-    total = 0
-    with safe_open(str(run_dir / "clients" / "0" / "adapter_model.safetensors"), framework="pt") as f:
-        for key in f.keys():
-            if key.startswith("base_model.vera_"):  # VeRA's frozen projections, saved but never sent
-                continue
-            r = role(key)
-            if r == "A" or (r == "head" and share_head):
-                t = f.get_tensor(key)
-                total += t.numel() * t.element_size()
-    return total
+def pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "—"
+    m = statistics.fmean(values) * scale
+    return f"{m:.{digits}f}" + (f" ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else "")
 
 
-def claim4(dirs: Mapping[str, Path]) -> Verdict:
-    lines = ["| run | A side per upload | uploads | expected | bytes up | equal |", "|---|---|---|---|---|---|"]
-    results: list[bool | None] = []
-    for name, d in dirs.items():
-        if not (d / "runs").is_dir():
-            continue
-        runs, _ = find_runs([d])
-        for r in runs:
-            if r.method != "fedsa":
-                continue
-            per = a_side_bytes(r.path, bool(r.value("method", "share_head", False)))
-            uploads = sum(len(rec.get("participants", [])) + len(rec.get("rejected", [])) for rec in r.records)
-            ok = per * uploads == r.summary["bytes_up_total"]
-            results.append(ok)
-            lines.append(f"| {name}/{r.path.name} | {per} B | {uploads} | {per * uploads} | "
-                         f"{r.summary['bytes_up_total']} | {'yes' if ok else '**no**'} |")
-    return Verdict(4, _verdict(results), f"{sum(r is True for r in results)} of {len(results)} FedSA runs upload "
-                                         "exactly the A-side bytes", lines)
+def interval(p: Paired | None, scale: float = 100.0, digits: int = 1) -> str:
+    if p is None:
+        return "—"
+    if math.isnan(p.lo):
+        return f"{p.diff * scale:+.{digits}f} (n={p.n})"
+    return f"{p.diff * scale:+.{digits}f} [{p.lo * scale:+.{digits}f}, {p.hi * scale:+.{digits}f}] (n={p.n})"
 
 
-def evaluate(settings: Sequence[Any], groups: Mapping[str, Sequence[Group]], dirs: Mapping[str, Path],
-             asym_dirs: Sequence[Path]) -> list[Verdict]:
-    return [claim1(settings, groups), claim2(asym_dirs), claim3(settings, groups), claim4(dirs)]
+def _scale(metric: str) -> tuple[float, int]:
+    if metric in ("personal", "global"):
+        return 100.0, 1
+    if metric == "acc_per_mib":
+        return 100.0, 2
+    return 1.0, 4
 
 
-def document(*, command: str, machine: str, total: float, run_seconds: float, phases: Mapping[str, float],
-             smoke: bool,
-             budget: Sequence[str], seeds: Sequence[int], missing: Sequence[str],
-             sweep: Sequence[tuple[str, float, float]], lrs: Mapping[str, float], multipliers: Sequence[float],
-             sweep_seed: int, settings: Sequence[Any], groups: Mapping[str, Sequence[Group]],
-             verdicts: Sequence[Verdict], plots: Path, out_dir: Path) -> str:
-    rel = Path(plots.name)  # plots are copied next to the document
-    out = ["# Replication of the seed papers' claims", ""]
-    if smoke:
-        out += ["> **Smoke run** (tiny-bert, random weights, a tiny budget): checks the pipeline only; the numbers "
-                "mean nothing.", ""]
-    out += [f"- Command: `{command}`",
-            f"- Date: {datetime.date.today().isoformat()}; machine: {machine}",
-            f"- Wall time of this invocation: {total / 60:.1f} min ("
-            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in phases.items()) + f"); sum over every run and analysis "
-            f"(what a fresh, uninterrupted replication costs before start-up and plotting): {run_seconds / 60:.1f} min",
-            f"- Seeds: {', '.join(map(str, seeds))} (a seed sets data.seed, train.seed and adapter.seed: every method "
-            "sees the same subsample, partition, test splits and initialisation)",
-            f"- Every run: `{' '.join('--set ' + b for b in budget)}`",
-            "- Settings: " + "; ".join(f"**{s.name}**: {s.dataset}, {s.partition}"
-                                      + (" α=0.5" if s.non_iid else "") + f", {s.clients} clients"
-                                      + (f" ({s.per_round} per round)" if s.per_round < s.clients else "")
-                                      + ", " + " + ".join(f"{{{', '.join(m)}}} × {{{', '.join(a)}}}"
-                                                          for m, a in s.grids) for s in settings)]
-    if missing:
-        out.append(f"- Not registered in this version, so not run: {', '.join(missing)}")
-    out += ["", "## Verdicts", "", "| # | claim | result | numbers |", "|---|---|---|---|"]
-    out += [f"| {v.number} | {CLAIMS[v.number]} | **{v.verdict}** | {v.summary} |" for v in verdicts]
-    out += ["", "Judged on means over seeds; *seeds won* counts the seeds where the first method is ahead "
-                "(paired: same data and initialisation).", ""]
-    notes = {3: ["", "*agg error*: ‖ideal − delivered update‖_F / ‖ideal‖_F summed over layers, mean over trained rounds "
-                     "and seeds (the verdict). After round 1 the two methods' clients hold different factors, so "
-                     "the round-1 column, where both aggregate identical uploads, compares the rules alone."]}
-    titles = {1: "Claim 1: personalized accuracy (%) under non-IID data",
-              2: "Claim 2: similarity across clients trained locally (`fedlora analyze asymmetry`)",
-              3: "Claim 3: FLoRA-NA against FedIT (LoRA)", 4: "Claim 4: FedSA-LoRA's upload bytes"}
-    for v in verdicts:
-        out += [f"### {titles[v.number]}", "", *v.details, *notes.get(v.number, []), ""]
-    out += ["## Learning-rate sweep", "",
-            f"Per-adapter default lr × {', '.join(f'{m:g}' for m in multipliers)} on {settings[0].name}, seed "
-            f"{sweep_seed}, methods fedit, ffa, fedsa; the lr with the best mean personalized accuracy over the three "
-            "methods (ties: the smaller lr) is used by every method for that adapter.", "",
-            "| adapter | lr | mean personalized acc (%) | chosen |", "|---|---|---|---|"]
-    out += [f"| {a} | {lr:g} | {100 * acc:.1f} | {'yes' if lrs[a] == lr else ''} |" for a, lr, acc in sweep]
-    out += ["", "## Tables", "", f"Each is `fedlora report {out_dir}/<setting>` (mean ± std over seeds).", ""]
-    for s in settings:
-        if s.name not in groups:
-            continue
-        body = results_markdown(groups[s.name]).split("\n## ", 1)[1].split("\n", 1)[1]  # drop title and heading
-        out += [f"### {s.name}", "", body.strip(), "",
-                f"![accuracy per round, {s.name}]({rel}/{s.name}_accuracy_vs_round.png)",
-                f"![accuracy per byte, {s.name}]({rel}/{s.name}_accuracy_vs_bytes.png)", ""]
-    out += ["### Asymmetry heatmaps", ""]
-    out += [f"![{p.stem}]({rel}/{p.name})" for p in sorted(plots.glob("asymmetry_*.png"))]
-    out.append("")
-    return "\n".join(out)
+def claim_table(rows: Sequence[Row], title: Callable[[str, str], str]) -> list[str]:
+    out = ["| setting | claim | metric | left | right | left − right, 95% CI | verdict |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        scale, digits = _scale(r.claim.metric)
+        sign = ">" if r.claim.higher else "<"
+        lv = "—" if r.result is None else f"{r.result.left * scale:.{digits}f}"
+        rv = "—" if r.result is None else f"{r.result.right * scale:.{digits}f}"
+        names = [c.variant.label if c else k for c, k in ((r.left, r.claim.left), (r.right, r.claim.right))]
+        out.append(f"| {title(r.dataset, r.optimizer)} | {names[0]} {sign} {names[1]} | {METRIC_NAMES[r.claim.metric]} | "
+                   f"{lv} | {rv} | {interval(r.result, scale, digits)} | **{r.verdict}** |")
+    return out
+
+
+def cell_table(cells: Sequence[CellResult], floors: Mapping[tuple[str, int], Floors], seeds: Sequence[int]) -> list[str]:
+    """One setting's table: the majority floor first, then every variant (references marked)."""
+    if not cells:
+        return []
+    dataset = cells[0].dataset
+    fl = [floors[(dataset, s)] for s in seeds if (dataset, s) in floors]
+    out = ["| method | lr | seeds | personalized acc | − floor | global acc | learned | MiB sent | acc / MiB | "
+           "agg error | time / run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    if fl:
+        out.append(f"| *majority-class floor* (each client's training majority) | | {len(fl)} | "
+                   f"{pm([f.personal for f in fl])} | | {pm([f.global_ for f in fl])} | | | | | |")
+    for c in cells:
+        runs = [c.runs[s] for s in sorted(c.runs)]
+        personal = [r.personal for r in runs if r.personal is not None]
+        glob = [r.global_ for r in runs if r.global_ is not None]
+        gain = gain_over_floor(c, floors, "personal") if not c.variant.central else None
+        ok = learned(c, floors, "personal")
+        mib = statistics.fmean(r.bytes_total for r in runs) / 2**20 if runs else None
+        per = [r.acc_per_mib for r in runs if r.acc_per_mib is not None]
+        err = [r.agg_error for r in runs if r.agg_error is not None]
+        wall = statistics.fmean(r.wall for r in runs) if runs else None
+        name = f"*{c.variant.label}*" if c.variant.reference else c.variant.label
+        out.append(f"| {name} | {'—' if c.lr is None else f'{c.lr:g}'} | {len(runs)} | {pm(personal)} | "
+                   f"{'—' if gain is None else f'{100 * gain:+.1f}'} | {pm(glob)} | "
+                   f"{'—' if ok is None else ('yes' if ok else '**no**')} | "
+                   f"{'—' if mib is None else f'{mib:.2f}'} | {pm(per, 100, 2)} | {pm(err, 1.0, 3)} | "
+                   f"{'—' if wall is None else f'{wall:.0f} s'} |")
+    return out
+
+
+def curve_table(cells: Sequence[CellResult], examples_per_round: int) -> list[str]:
+    """Personalized accuracy (mean over seeds) at every evaluated round: the learning curves of the budget."""
+    rounds = sorted({rnd for c in cells for r in c.runs.values() for rnd, _ in r.curve})
+    if not rounds:
+        return []
+    out = ["| method | " + " | ".join(f"round {r} ({r * examples_per_round} ex.)" for r in rounds) + " |",
+           "|---|" + "---|" * len(rounds)]
+    for c in cells:
+        row = []
+        for rnd in rounds:
+            vals = [v for r in c.runs.values() for k, v in r.curve if k == rnd]
+            row.append(pct(statistics.fmean(vals)) if vals else "—")
+        out.append(f"| {c.variant.label} | " + " | ".join(row) + " |")
+    return out
+
+
+def tally(rows: Sequence[Any]) -> str:
+    counts: dict[str, int] = {}
+    for r in rows:
+        v = r if isinstance(r, str) else r.verdict
+        key = "did not learn" if v.startswith("did not learn") else v
+        counts[key] = counts.get(key, 0) + 1
+    order = ["holds", "does not hold", "inconclusive", "did not learn", "not run"]
+    return ", ".join(f"{k} {counts[k]}" for k in order if k in counts) or "nothing judged"
+
+
+def asymmetry_table(rows: Sequence[tuple[str, str, str, Paired | None, str]],
+                    sims: Mapping[tuple[str, str], Mapping[int, Similarity]], title: Callable[[str, str], str]
+                    ) -> list[str]:
+    out = ["| setting | tensors | A (mean over seeds) | B | A − B, 95% CI | verdict: A more similar |",
+           "|---|---|---|---|---|---|"]
+    for dataset, optimizer, what, p, v in rows:
+        by_seed = sims[(dataset, optimizer)]
+        fa, fb = ("a", "b") if what == "learned" else ("a_change", "b_change")
+        a = [getattr(s, fa) for s in by_seed.values()]
+        b = [getattr(s, fb) for s in by_seed.values()]
+        out.append(f"| {title(dataset, optimizer)} | {what} | {pm(a, 1, 3)} | {pm(b, 1, 3)} | {interval(p, 1, 3)} | "
+                   f"**{v}** |")
+    return out

@@ -146,6 +146,10 @@ class DataConfig(_Section):
     min_examples_per_client: int = _opt(8, "every client gets at least this many examples", ge=2)
     test_fraction: float = _opt(0.2, "stratified global test set held out before partitioning", gt=0, lt=1)
     client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
+    validation_fraction: float = _opt(0.0, "fraction of each client's training data held out as its validation split; "
+                                      "when > 0 the run trains on the rest and evaluates on validation data only (each "
+                                      "client's split, their union as the global set), never on a test split: for "
+                                      "choosing hyperparameters", ge=0, lt=1)
     max_examples: int = _opt(2400, "stratified subsample of the dataset before anything else (0: all; the demo uses 2400)", ge=0)
     seed: int = _opt(0, "seed of the subsample, the global test set and the partition")
     humaneval_problems: int = _opt(0, "python-functions: HumanEval problems each evaluation runs, a subset seeded "

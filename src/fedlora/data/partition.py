@@ -8,7 +8,11 @@ The order of operations in :func:`split_federated` is fixed:
 3. the rest (the *pool*) spread over ``data.num_clients`` clients by :func:`iid`, :func:`dirichlet` or
    :func:`pathological`;
 4. each client's part split into its own train and test sets by ``data.client_test_fraction`` (stratified, at
-   least one example in each).
+   least one example in each);
+5. with ``data.validation_fraction`` > 0 (choosing hyperparameters), each client's train set split again into train
+   and validation the same way; the returned split then holds the validation sets in place of the test sets (each
+   client's own, and their union as the global set), so that a tuning run never sees a test example. The train
+   sets are those of the same seed without validation, less the validation examples.
 
 Every stage draws from its own random stream derived from ``data.seed`` (``SeedSequence(seed, spawn_key=(stage,))``),
 never from global state. So the same seed gives the same split, and the global test set does not change when only
@@ -26,7 +30,7 @@ from fedlora.config import DataConfig
 from fedlora.errors import DataError
 
 # One independent random stream per stage (the spawn key of the stage's SeedSequence).
-_SUBSAMPLE, _GLOBAL_TEST, _PARTITION, _CLIENT_TEST = range(4)
+_SUBSAMPLE, _GLOBAL_TEST, _PARTITION, _CLIENT_TEST, _VALIDATION = range(5)
 
 # Draws of Dirichlet proportions before giving up on giving every client its minimum. Each draw costs a few
 # microseconds per class (only counts are computed until one is accepted), so this bound is cheap.
@@ -243,4 +247,13 @@ def split_federated(labels: np.ndarray, cfg: DataConfig, held_out: np.ndarray | 
     client_rng = stage_rng(cfg.seed, _CLIENT_TEST)
     clients = tuple(ClientSplit(i, *_train_test(part, labels, cfg.client_test_fraction, client_rng))
                     for i, part in enumerate(parts))
+    if cfg.validation_fraction > 0:  # stage 5: tuning sees validation data only
+        val_rng = stage_rng(cfg.seed, _VALIDATION)
+        small = [c.client_id for c in clients if len(c.train) < 2]
+        if small:
+            raise DataError(f"data.validation_fraction = {cfg.validation_fraction}: client {small[0]} has fewer than 2 "
+                            "training examples to split into train and validation; use more data per client")
+        clients = tuple(ClientSplit(c.client_id, *_train_test(c.train, labels, cfg.validation_fraction, val_rng))
+                        for c in clients)
+        global_test = np.sort(np.concatenate([c.test for c in clients])).astype(np.int64)
     return FederatedSplit(global_test=global_test, clients=clients)

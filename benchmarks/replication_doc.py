@@ -1,0 +1,242 @@
+"""The text of docs/results.md, written by benchmarks/replication.py from the numbers of the finished runs.
+
+Nothing here is a result: every number, verdict and sentence about the outcome is computed from ``cells`` (the
+runs), ``floors`` (the data splits) and ``sims`` (the saved adapters). A cell without runs is listed as missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import claims_check as cc
+
+
+def _title(dataset: str, optimizer: str) -> str:
+    return f"{dataset}, {'SGD' if optimizer == 'sgd' else 'AdamW'}"
+
+
+def _block_cells(block: cc.Block, dataset: str, cells: Mapping[tuple[str, str, str], cc.CellResult]
+                 ) -> list[cc.CellResult]:
+    keys = [*block.borrow, *(v.key for v in block.variants)]
+    found = [cells[(dataset, block.optimizer, k)] for k in dict.fromkeys(keys) if (dataset, block.optimizer, k) in cells]
+    return sorted(found, key=lambda c: c.variant.reference)  # the federated methods first, references last
+
+
+def _run_seconds(out: Path) -> tuple[float, int]:
+    """Sum of wall_seconds over every finished run (tuning and grid) and their number."""
+    import json
+
+    total, n = 0.0, 0
+    for summary in out.glob("**/runs/*/summary.json"):
+        total += float(json.loads(summary.read_text()).get("wall_seconds", 0.0))
+        n += 1
+    return total, n
+
+
+def _why(row: cc.Row) -> str:
+    p = row.result
+    if row.verdict == "not run":
+        return "not run (missing cells below)"
+    if row.verdict.startswith("did not learn"):
+        return f"not {100 * cc.MARGIN:.0f} points above the majority floor: {row.verdict.removeprefix('did not learn ')}"
+    assert p is not None
+    scale, digits = cc._scale(row.claim.metric)
+    unit = " points" if scale == 100.0 else ""
+    if row.verdict == "inconclusive":
+        return (f"the interval {cc.interval(p, scale, digits)} contains 0" if p.n >= 2
+                else f"one seed only ({p.diff * scale:+.{digits}f}{unit})")
+    return f"{p.diff * scale:+.{digits}f}{unit}, interval {cc.interval(p, scale, digits)}"
+
+
+def _verdict_lines(rows: Sequence[cc.Row]) -> list[str]:
+    out = []
+    for verdict in ("holds", "does not hold", "inconclusive", "did not learn", "not run"):
+        chosen = [r for r in rows if r.verdict.startswith(verdict)]
+        if not chosen:
+            continue
+        items = "; ".join(f"{_title(r.dataset, r.optimizer)}: {r.left.variant.label if r.left else r.claim.left} "
+                          f"{'>' if r.claim.higher else '<'} {r.right.variant.label if r.right else r.claim.right} "
+                          f"({cc.METRIC_NAMES[r.claim.metric]}; {_why(r)})" for r in chosen)
+        out.append(f"  - **{verdict}** ({len(chosen)}): {items}")
+    return out
+
+
+def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.Block],
+          cells: Mapping[tuple[str, str, str], cc.CellResult], floors: Mapping[tuple[str, int], cc.Floors],
+          sims: Mapping[tuple[str, str], Mapping[int, cc.Similarity]], wall: float, command: str, machine: str,
+          date: datetime.datetime) -> str:
+    """The document; ``rp`` is benchmarks/replication.py (its budget, seeds and tuning helpers)."""
+    rows = cc.judge(blocks, cells, floors)
+    sim_rows = cc.similarity_rows(sims)
+    expected = [(c, s) for c in cells.values() for s in args.seeds]
+    missing = [(c, s) for c, s in expected if s not in c.runs]
+    run_seconds, n_runs = _run_seconds(out)
+    budget = rp.QUICK if args.quick else rp.BUDGET
+    rounds, steps, batch = (rp.QUICK_ROUNDS, rp.QUICK_STEPS, rp.QUICK_BATCH) if args.quick else \
+        (rp.ROUNDS, rp.STEPS, rp.BATCH)
+    lines = ["# Replication of the seed papers' claims (second edition, issue 17)", ""]
+    if args.quick:
+        lines += ["> **Quick run** (tiny-bert with random weights, a tiny budget): exercises every code path; the "
+                  "numbers mean nothing.", ""]
+    if missing:
+        by_cell: dict[str, list[int]] = {}
+        for c, s in missing:
+            by_cell.setdefault(f"{_title(c.dataset, c.optimizer)} · {c.variant.label}", []).append(s)
+        lines += [f"> **Partial**: {len(expected) - len(missing)} of {len(expected)} grid runs finished when this was "
+                  f"written; {len(by_cell)} cells miss seeds (listed under *Missing cells*). Verdicts use the seeds "
+                  "that exist; run the same command again to finish.", ""]
+    lines += [f"- Command: `{command}`",
+              f"- Written: {date.strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine}",
+              f"- Wall time of this invocation: {wall / 60:.1f} min. Sum over the {n_runs} finished runs (tuning and "
+              f"grid) of their own wall time: {run_seconds / 60:.1f} min, i.e. what a fresh replication costs with "
+              "one worker on this machine, before start-up and this document (with `--workers N` the runs share the "
+              "cores).",
+              f"- Runs under `{out}` (one directory per run; `fedlora report` reads any of them)."]
+    lines += ["", "## Protocol", "",
+              f"- **Budget** of every run: `{' '.join('--set ' + b for b in budget)}`, so each client sees "
+              f"{rounds} rounds × {steps} steps × {batch} examples = {rounds * steps * batch} training examples "
+              "(SGD and AdamW alike, optimizer state fresh each round). Whether the methods learn at this budget is "
+              "measured, not assumed: see *learned* in the tables and the *Learning curves*.",
+              "- **Data**: Dirichlet(0.5) label skew over 3 clients; a stratified global test set held out first; each "
+              "client keeps 20% of its data as its own test split (sizes per seed under *Majority-class floors*).",
+              f"- **Seeds** {', '.join(map(str, args.seeds))}: a seed sets the data subsample, partition, test splits, "
+              "adapter initialisation and batch order, identical for every method, so differences are paired by seed.",
+              "- **Learning rates** are chosen per method, per dataset and optimizer, on a validation split "
+              f"(`data.validation_fraction=0.25` of each client's training data; seed {rp.TUNE_SEED}, not an evaluation "
+              "seed; the test splits are never read), from the same candidates for every method: the optimizer's "
+              f"reference lr (SGD {rp.REFERENCE_LR['sgd']:g} as in the FedSA-LoRA paper, AdamW "
+              f"{rp.REFERENCE_LR['adamw']:g}) × " + ", ".join(
+                  f"{o}: {{{', '.join(f'{m:.3g}' for m in (rp.MULTIPLIERS[o] if not args.quick else (1.0,)))}}}"
+                  for o in ("sgd", "adamw")) + " (VeRA: × its default-lr ratio); one run per candidate; the best "
+              "final mean validation accuracy over clients wins. The head-shared and uniform-weight variants reuse "
+              "the lr of the same method tuned head-private with example weights.",
+              "- **Protocols**: *head private* for every method is the FedSA-LoRA authors' protocol (their baselines "
+              "kept the classifier local); *head shared* is each baseline's own default. The classification head is "
+              "trained in every run.",
+              "- **References** on every table: the *majority-class floor* (each client predicts its training "
+              "majority: what a personalized model reaches by learning only the label skew), *local only* (method "
+              "`local`: each client alone, same budget, nothing sent) and *centralized* (one client holding the pooled "
+              "training data, 3× the local steps: the same examples seen; its personalized column is its accuracy on "
+              "its own held-out 20%, its global column is on the same global test set as every run).",
+              f"- **Verdicts**: paired difference over seeds with a 95% Student-t interval: *holds* when it excludes 0 "
+              "in the claimed direction, *does not hold* when it excludes 0 the other way, *inconclusive* otherwise. "
+              f"An accuracy comparison is made only when both methods beat the majority floor by "
+              f"{100 * cc.MARGIN:.0f} points (mean over seeds; global accuracy against the global floor); otherwise "
+              "the verdict is *did not learn*. For an *at least* claim (claim 3's accuracy) an interval containing "
+              "0 is reported as inconclusive: the data cannot tell the two apart."]
+
+    claim_groups = [("1", "Claim 1 (FedSA-LoRA): personalized accuracy above FedIT, FFA-LoRA and FedDPA-LoRA under "
+                          "non-IID data, for LoRA, rsLoRA and VeRA"),
+                    ("ref", "Reference: does FedSA-LoRA beat each client training alone?"),
+                    ("3", "Claim 3 (FLoRA-NA): aggregation error below FedIT's, global accuracy at least that of "
+                          "FedIT, FedEx, FLoRA and FlexLoRA"),
+                    ("bytes", "Communication: FedSA-LoRA's accuracy per MiB above FedIT's")]
+    lines += ["", "## Verdicts", ""]
+    for number, title in claim_groups:
+        chosen = [r for r in rows if r.claim.number == number]
+        lines += [f"- **{title}** — {cc.tally(chosen)}", *_verdict_lines(chosen)]
+        if number == "1":
+            lines += ["- **Claim 2 (FedSA-LoRA): A more similar across clients than B** (local-only runs) — "
+                      + cc.tally([v for *_, v in sim_rows])]
+            for dataset, optimizer, what, p, v in sim_rows:
+                lines.append(f"  - {_title(dataset, optimizer)}, {what}: **{v}** (A − B {cc.interval(p, 1, 3)})")
+    lines += ["- **Generation (FedSA-LoRA on the maths task; FLoRA-NA on the maths task)**: **out of budget**, not "
+              "judged. A run of SmolLM2-135M on math-word takes minutes per round on this CPU, and the measurements in "
+              "[generation.md](generation.md) show no learning of the arithmetic at the budgets that fit; five seeds "
+              "× six methods × tuning do not fit in two hours here.",
+              "- FedSA-LoRA has no global model, so claim 3's global comparison cannot include it."]
+
+    lines += ["", "## Claim 1: personalized accuracy (%)", ""]
+    lines += cc.claim_table([r for r in rows if r.claim.number in ("1", "ref")], _title)
+    lines += ["", "## Claim 2: similarity of A and B across clients (local-only training)", "",
+              "Mean over client pairs and adapted layers of the cosine similarity between the clients' tensors "
+              "(`fedlora.analyze.layer_similarities` on the saved adapters of the *local only* runs): the learned "
+              "tensors, as in the paper, and their change from the shared initialisation (A starts from one random "
+              "matrix for every client, B from zero). Paired over seeds.", ""]
+    lines += cc.asymmetry_table(sim_rows, sims, _title) if sim_rows else ["No local-only run finished."]
+    lines += ["", "## Claim 3: FLoRA-NA", "",
+              "*aggregation error*: Σ over layers of ‖ideal − delivered‖_F / ‖ideal‖_F (ideal = Σ p_u B_u A_u); "
+              "round 1 is the one round where both methods aggregate identical uploads.", ""]
+    lines += cc.claim_table([r for r in rows if r.claim.number == "3"], _title)
+    lines += ["", "## Accuracy per byte", "",
+              "Personalized accuracy divided by the MiB of every protocol message of the run (up and down; the "
+              "evaluation-only syncs are not counted). In the tables below for every method; the judged comparison:", ""]
+    lines += cc.claim_table([r for r in rows if r.claim.number == "bytes"], _title)
+
+    lines += ["", "## Tables", "",
+              "Mean ± sample std over seeds of the final round. *− floor*: mean over seeds of personalized accuracy "
+              "minus the majority floor of the same seed; *learned*: that gain ≥ "
+              f"{100 * cc.MARGIN:.0f} points (centralized: its global accuracy against the global floor); *acc / MiB*: "
+              "personalized accuracy (%) per MiB sent.", ""]
+    for block in blocks:
+        for dataset in block.datasets:
+            chosen = _block_cells(block, dataset, cells)
+            lines += [f"### {block.title}: {dataset}", "", *cc.cell_table(chosen, floors, args.seeds), ""]
+
+    lines += ["## Learning curves", "",
+              "Measured first, on the validation split: mean validation accuracy over clients (%) at every round of "
+              f"the tuning runs (seed {rp.TUNE_SEED}), each method at its chosen lr. A curve still rising at the last "
+              "round means the budget is short for that method.", ""]
+    for block in blocks:
+        if not block.name.startswith("private"):
+            continue
+        for dataset in block.datasets:
+            curves = []
+            for v in block.variants:
+                lr = rp.chosen_lr(rp.tuning_results(out, dataset, block.optimizer, v, args.quick))
+                if lr is not None:
+                    curves.append((v.label, lr, rp.tuning_curve(out, dataset, block.optimizer, v, lr)))
+            rounds_seen = sorted({r for *_, c in curves for r, _ in c})
+            if not rounds_seen:
+                continue
+            lines += [f"### Validation, {_title(dataset, block.optimizer)}", "",
+                      "| method | lr | " + " | ".join(f"round {r} ({r * steps * batch} ex.)" for r in rounds_seen) + " |",
+                      "|---|---|" + "---|" * len(rounds_seen)]
+            lines += [f"| {label} | {lr:g} | " + " | ".join(cc.pct(dict(c).get(r)) for r in rounds_seen) + " |"
+                      for label, lr, c in curves]
+            lines.append("")
+    lines += ["Then on the test splits, the grid's runs: personalized accuracy (%) at every evaluated round, mean over "
+              "seeds (round 0: before training), with the majority floor as the reference.", ""]
+    for block in blocks:
+        if not block.name.startswith("private"):
+            continue
+        for dataset in block.datasets:
+            chosen = _block_cells(block, dataset, cells)
+            fl = [floors[(dataset, s)].personal for s in args.seeds if (dataset, s) in floors]
+            lines += [f"### Test, {_title(dataset, block.optimizer)} (floor {cc.pct(statistics.fmean(fl)) if fl else '—'})",
+                      "", *cc.curve_table([c for c in chosen if not c.variant.central], steps * batch), ""]
+
+    lines += ["## Learning-rate tuning (validation split)", "",
+              "| dataset | optimizer | method | candidates: final mean validation accuracy (%) | chosen |",
+              "|---|---|---|---|---|"]
+    for block in blocks:
+        for dataset in block.datasets:
+            for v in block.variants:
+                if v.tune_as is not None:
+                    continue
+                res = rp.tuning_results(out, dataset, block.optimizer, v, args.quick)
+                lr = rp.chosen_lr(res)
+                lines.append(f"| {dataset} | {block.optimizer} | {v.label} | "
+                             + ", ".join(f"{x:g}: {cc.pct(a)}" for x, a in res) + f" | {'—' if lr is None else f'{lr:g}'} |")
+
+    lines += ["", "## Majority-class floors and client test splits", "",
+              "| dataset | seed | floor per client (%) | mean | global floor | client test sizes |", "|---|---|---|---|---|---|"]
+    for (dataset, seed), f in sorted(floors.items()):
+        lines.append(f"| {dataset} | {seed} | {', '.join(cc.pct(x) for x in f.clients)} | {cc.pct(f.personal)} | "
+                     f"{cc.pct(f.global_)} | {', '.join(map(str, f.test_sizes))} |")
+
+    lines += ["", "## Missing cells", ""]
+    if missing:
+        by: dict[str, list[int]] = {}
+        for c, s in missing:
+            by.setdefault(f"{_title(c.dataset, c.optimizer)} · {c.variant.label}"
+                          + (" (lr not tuned yet)" if c.lr is None else ""), []).append(s)
+        lines += [f"- {k}: seeds {', '.join(map(str, v))}" for k, v in by.items()]
+    else:
+        lines.append("None: every cell has every seed.")
+    lines.append("")
+    return "\n".join(lines)
