@@ -236,3 +236,31 @@ def test_export_serves_both_adapters_with_plain_peft(tmp_path: Path) -> None:
         theirs = served(**batch).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
     assert json.loads((run / "clients" / "1" / "private" / "fedlora_mix.json").read_text())["weights"] == [0.5, 0.5]
+
+
+def test_flower_gives_the_embedded_results_for_finetune_and_dynamic(tmp_path: Path) -> None:
+    """FedDPA-F with instance-wise weights through the Flower ServerApp and ClientApp (driven in this process):
+    the local adapters live in each node's state across rounds and give the embedded run's metrics and adapters."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from conftest import assert_same_run
+    from test_flower import loopback_run
+
+    cfg = tiny_config(*DPA, "method.dpa_schedule=finetune", "method.dpa_weighting=dynamic")
+    simulation.run(cfg, RunDir(tmp_path / "embedded"), progress=False)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    loopback_run(cfg, tmp_path / "flower")
+    assert_same_run(tmp_path / "embedded", tmp_path / "flower")
+    assert (tmp_path / "flower" / "clients" / "1" / "private" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("privacy", [("privacy.dp=local", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.5"),
+                                     ("privacy.dp_sgd=true", "privacy.clip_norm=0.5")])
+def test_privacy_wraps_the_global_adapter_and_the_local_one_stays(privacy: tuple[str, ...]) -> None:
+    """Client-level DP noises what is uploaded (the global adapter); DP-SGD trains the global adapter; the local
+    adapter, which never leaves, trains without either and still exists on every client."""
+    exp, spy, records = spied_run(*privacy, "train.rounds=2")
+    assert records[-1]["failed"] is None and records[-1]["participants"] == [0, 1]
+    assert records[-1].get("epsilon") or records[-1].get("epsilon_sgd")  # the accountant saw the rounds
+    assert all(set(u.payload) == set(exp.method.shared_keys()) for _, u in spy.uploads)
+    assert all(private_part(node.state) for node in spy.inner.nodes)
