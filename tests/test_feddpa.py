@@ -264,3 +264,24 @@ def test_privacy_wraps_the_global_adapter_and_the_local_one_stays(privacy: tuple
     assert records[-1].get("epsilon") or records[-1].get("epsilon_sgd")  # the accountant saw the rounds
     assert all(set(u.payload) == set(exp.method.shared_keys()) for _, u in spy.uploads)
     assert all(private_part(node.state) for node in spy.inner.nodes)
+
+
+@pytest.mark.parametrize("schedule,weights,from_shared", [("iterative", (0.7, 0.3), False), ("finetune", (0.0, 1.0), True)])
+def test_schedules_start_the_local_adapter_as_the_paper_says(monkeypatch: pytest.MonkeyPatch, schedule: str,
+                                                            weights: tuple[float, float], from_shared: bool) -> None:
+    """FedDPA-T trains the local adapter from where it was, mixed with the frozen global one (weights 1 − α, α);
+    FedDPA-F first makes it a copy of the global adapter and fine-tunes it alone. With a zero learning rate the
+    step leaves exactly its starting point."""
+    from fedlora.experiment import build
+
+    exp = build(tiny_config(*DPA, f"method.dpa_schedule={schedule}", "method.dpa_alpha=0.3"))
+    step = exp.private.step(2)
+    assert exp.private.step(1) is None and step.weights == pytest.approx(weights) and step.from_shared is from_shared
+    node = exp.client_node(exp.clients[0])
+    node.fit(1)
+    monkeypatch.setattr(exp.trainer, "_optimizer", lambda params: torch.optim.SGD(params, lr=0.0))
+    after, _ = exp.trainer.train_private(node.state, node.data, 2, step)
+    for key in exp.info.with_role("A", "B"):
+        start = node.state[key] if from_shared else node.state[PRIVATE + key]
+        assert torch.equal(after[PRIVATE + key], start), key
+        assert torch.equal(after[key], node.state[key])  # the global adapter is frozen
