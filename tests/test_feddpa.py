@@ -235,6 +235,9 @@ def test_export_serves_both_adapters_with_plain_peft(tmp_path: Path) -> None:
             ours = exp.model(**batch).logits
         theirs = served(**batch).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    merged = tmp_path / "merged"
+    export(run, 1, merged, merged=True)  # the same model with the adapters merged into the weights
+    torch.testing.assert_close(load_exported(merged, cfg.resolved())(**batch).logits, ours, rtol=1e-4, atol=1e-4)
     assert json.loads((run / "clients" / "1" / "private" / "fedlora_mix.json").read_text())["weights"] == [0.5, 0.5]
 
 
@@ -252,6 +255,12 @@ def test_flower_gives_the_embedded_results_for_finetune_and_dynamic(tmp_path: Pa
     loopback_run(cfg, tmp_path / "flower")
     assert_same_run(tmp_path / "embedded", tmp_path / "flower")
     assert (tmp_path / "flower" / "clients" / "1" / "private" / "adapter_model.safetensors").is_file()
+    from fedlora.errors import FedloraError
+    from fedlora.export import export
+
+    with pytest.raises(FedloraError, match="weighs its two adapters per example"):  # no single adapter equals it
+        export(tmp_path / "embedded", 0, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("privacy", [("privacy.dp=local", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.5"),

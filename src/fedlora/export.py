@@ -160,13 +160,20 @@ def _base_model(cfg: Config, label_names: tuple[str, ...]) -> nn.Module:
 
 def load_saved(run: str | Path, client: int | None = None) -> nn.Module:
     """A run's saved global model (``client=None``) or client model, rebuilt with plain PEFT: the base model,
-    its changed weights from :data:`BASE_FILE` where there are any, then ``PeftModel.from_pretrained``."""
+    its changed weights from :data:`BASE_FILE` where there are any, then ``PeftModel.from_pretrained`` (for a
+    client with a private adapter, of the one adapter both combine to: :func:`combine_private`)."""
+    import tempfile
+
     from peft import PeftModel
 
     run = Path(run)
     cfg = _run_config(run)
     folder = saved_folder(run, client, cfg)
-    return PeftModel.from_pretrained(_saved_base(cfg, folder), str(folder)).eval()
+    if not (folder / PRIVATE_DIR).is_dir():
+        return PeftModel.from_pretrained(_saved_base(cfg, folder), str(folder)).eval()
+    with tempfile.TemporaryDirectory() as tmp:  # the weights are read into the model before it is removed
+        combine_private(folder, Path(tmp) / "adapter")
+        return PeftModel.from_pretrained(_saved_base(cfg, folder), str(Path(tmp) / "adapter")).eval()
 
 
 def _saved_base(cfg: Config, folder: Path) -> nn.Module:
@@ -213,10 +220,7 @@ def export(run: str | Path, client: int | None, out: str | Path, merged: bool = 
             adapter = out / ".combined"
             combine_private(folder, adapter)
         if merged:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(_saved_base(cfg, folder), str(adapter)).eval()
-            model.merge_and_unload().save_pretrained(str(out))
+            load_saved(run, client).merge_and_unload().save_pretrained(str(out))
             tokenizer.save_pretrained(str(out))
         else:
             base_dir = out / "base"  # the base the adapter was trained on (with FedEx's / FLoRA's changed weights)
