@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,15 +27,20 @@ def _block_cells(block: cc.Block, dataset: str, cells: Mapping[tuple[str, str, s
     return sorted(found, key=lambda c: c.variant.reference)  # the federated methods first, references last
 
 
-def _run_seconds(out: Path) -> tuple[float, int]:
-    """Sum of wall_seconds over every finished run (tuning and grid) and their number."""
+def _run_seconds(out: Path) -> tuple[float, float, int, int]:
+    """Sums over every finished run (tuning and grid) of its wall seconds and of its CPU seconds (cost.json, written
+    by replication.run_job), the number of runs, and how many of them have a CPU measurement."""
     import json
 
-    total, n = 0.0, 0
+    wall, cpu, n, measured = 0.0, 0.0, 0, 0
     for summary in out.glob("**/runs/*/summary.json"):
-        total += float(json.loads(summary.read_text()).get("wall_seconds", 0.0))
+        wall += float(json.loads(summary.read_text()).get("wall_seconds", 0.0))
         n += 1
-    return total, n
+        cost = summary.parent / "cost.json"
+        if cost.is_file():
+            cpu += float(json.loads(cost.read_text())["cpu_seconds"])
+            measured += 1
+    return wall, cpu, n, measured
 
 
 def _why(row: cc.Row) -> str:
@@ -74,7 +80,9 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
     sim_rows = cc.similarity_rows(sims)
     expected = [(c, s) for c in cells.values() for s in args.seeds]
     missing = [(c, s) for c, s in expected if s not in c.runs]
-    run_seconds, n_runs = _run_seconds(out)
+    run_seconds, cpu_seconds, n_runs, measured = _run_seconds(out)
+    total_runs = sum(len(rp.candidates(b.optimizer, v.adapter, args.quick)) * len(b.datasets)
+                     for b in blocks for v in b.variants if v.tune_as is None) + len(expected)
     budget = rp.QUICK if args.quick else rp.BUDGET
     rounds, steps, batch = (rp.QUICK_ROUNDS, rp.QUICK_STEPS, rp.QUICK_BATCH) if args.quick else \
         (rp.ROUNDS, rp.STEPS, rp.BATCH)
@@ -91,10 +99,15 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
                   "that exist; run the same command again to finish.", ""]
     lines += [f"- Command: `{command}`",
               f"- Written: {date.strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine}",
-              f"- Wall time of this invocation: {wall / 60:.1f} min. Sum over the {n_runs} finished runs (tuning and "
-              f"grid) of their own wall time: {run_seconds / 60:.1f} min, i.e. what a fresh replication costs with "
-              "one worker on this machine, before start-up and this document (with `--workers N` the runs share the "
-              "cores).",
+              f"- Wall time of this invocation: {wall / 60:.1f} min (load average when written: "
+              f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores: other jobs shared the "
+              f"machine). The {n_runs} finished runs (tuning and grid) took {run_seconds / 60:.1f} min of wall time "
+              "one after another"
+              + (f"; the {measured} whose CPU time was recorded used {cpu_seconds / 60:.1f} min of CPU (one thread "
+                 f"each), {cpu_seconds / max(measured, 1):.0f} s per run, so the whole replication ({total_runs} runs) "
+                 f"needs about {cpu_seconds / max(measured, 1) * total_runs / 60:.0f} min of CPU: about "
+                 f"{cpu_seconds / max(measured, 1) * total_runs / 120:.0f} min with `--workers 2` on 2 idle cores"
+                 if measured else "") + ".",
               f"- Runs under `{out}` (one directory per run; `fedlora report` reads any of them)."]
     lines += ["", "## Protocol", "",
               f"- **Budget** of every run: `{' '.join('--set ' + b for b in budget)}`, so each client sees "
@@ -132,6 +145,8 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
     claim_groups = [("1", "Claim 1 (FedSA-LoRA): personalized accuracy above FedIT, FFA-LoRA and FedDPA-LoRA under "
                           "non-IID data, for LoRA, rsLoRA and VeRA"),
                     ("ref", "Reference: does FedSA-LoRA beat each client training alone?"),
+                    ("protocol", "Protocol: does keeping a baseline's head private (same method, same lr) raise its "
+                                 "personalized accuracy?"),
                     ("3", "Claim 3 (FLoRA-NA): aggregation error below FedIT's, global accuracy at least that of "
                           "FedIT, FedEx, FLoRA and FlexLoRA"),
                     ("bytes", "Communication: FedSA-LoRA's accuracy per MiB above FedIT's")]
@@ -151,7 +166,7 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
               "- FedSA-LoRA has no global model, so claim 3's global comparison cannot include it."]
 
     lines += ["", "## Claim 1: personalized accuracy (%)", ""]
-    lines += cc.claim_table([r for r in rows if r.claim.number in ("1", "ref")], _title)
+    lines += cc.claim_table([r for r in rows if r.claim.number in ("1", "ref", "protocol")], _title)
     lines += ["", "## Claim 2: similarity of A and B across clients (local-only training)", "",
               "Mean over client pairs and adapted layers of the cosine similarity between the clients' tensors "
               "(`fedlora.analyze.layer_similarities` on the saved adapters of the *local only* runs): the learned "
