@@ -240,31 +240,38 @@ def similarity_rows(sims: Mapping[tuple[str, str], Mapping[int, Similarity]]) ->
 
 # ------------------------------------------------------------------------------------------------ formatting
 
+def num(x: float, digits: int | None, sign: str = "") -> str:
+    """``x`` with ``digits`` decimals, or 3 significant digits when ``digits`` is None (errors span decades)."""
+    return f"{x:{sign}.{digits}f}" if digits is not None else f"{x:{sign}.3g}"
+
+
 def pct(x: float | None) -> str:
     return "—" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
-def pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+def pm(values: Sequence[float], scale: float = 100.0, digits: int | None = 1) -> str:
+    """Mean ± sample std (the std only with two values or more)."""
     if not values:
         return "—"
     m = statistics.fmean(values) * scale
-    return f"{m:.{digits}f}" + (f" ± {statistics.stdev(values) * scale:.{digits}f}" if len(values) > 1 else "")
+    return num(m, digits) + (f" ± {num(statistics.stdev(values) * scale, digits)}" if len(values) > 1 else "")
 
 
-def interval(p: Paired | None, scale: float = 100.0, digits: int = 1) -> str:
+def interval(p: Paired | None, scale: float = 100.0, digits: int | None = 1) -> str:
     if p is None:
         return "—"
     if math.isnan(p.lo):
-        return f"{p.diff * scale:+.{digits}f} (n={p.n})"
-    return f"{p.diff * scale:+.{digits}f} [{p.lo * scale:+.{digits}f}, {p.hi * scale:+.{digits}f}] (n={p.n})"
+        return f"{num(p.diff * scale, digits, '+')} (n={p.n})"
+    return (f"{num(p.diff * scale, digits, '+')} [{num(p.lo * scale, digits, '+')}, {num(p.hi * scale, digits, '+')}] "
+            f"(n={p.n})")
 
 
-def _scale(metric: str) -> tuple[float, int]:
+def _scale(metric: str) -> tuple[float, int | None]:
     if metric in ("personal", "global"):
         return 100.0, 1
     if metric == "acc_per_mib":
         return 100.0, 2
-    return 1.0, 4
+    return 1.0, None
 
 
 def claim_table(rows: Sequence[Row], title: Callable[[str, str], str]) -> list[str]:
@@ -273,8 +280,8 @@ def claim_table(rows: Sequence[Row], title: Callable[[str, str], str]) -> list[s
     for r in rows:
         scale, digits = _scale(r.claim.metric)
         sign = ">" if r.claim.higher else "<"
-        lv = "—" if r.result is None else f"{r.result.left * scale:.{digits}f}"
-        rv = "—" if r.result is None else f"{r.result.right * scale:.{digits}f}"
+        lv = "—" if r.result is None else num(r.result.left * scale, digits)
+        rv = "—" if r.result is None else num(r.result.right * scale, digits)
         names = [c.variant.label if c else k for c, k in ((r.left, r.claim.left), (r.right, r.claim.right))]
         out.append(f"| {title(r.dataset, r.optimizer)} | {names[0]} {sign} {names[1]} | {METRIC_NAMES[r.claim.metric]} | "
                    f"{lv} | {rv} | {interval(r.result, scale, digits)} | **{r.verdict}** |")
@@ -306,7 +313,7 @@ def cell_table(cells: Sequence[CellResult], floors: Mapping[tuple[str, int], Flo
         out.append(f"| {name} | {'—' if c.lr is None else f'{c.lr:g}'} | {len(runs)} | {pm(personal)} | "
                    f"{'—' if gain is None else f'{100 * gain:+.1f}'} | {pm(glob)} | "
                    f"{'—' if ok is None else ('yes' if ok else '**no**')} | "
-                   f"{'—' if mib is None else f'{mib:.2f}'} | {pm(per, 100, 2)} | {pm(err, 1.0, 3)} | "
+                   f"{'—' if mib is None else f'{mib:.2f}'} | {pm(per, 100, 2)} | {pm(err, 1.0, None)} | "
                    f"{'—' if wall is None else f'{wall:.0f} s'} |")
     return out
 
