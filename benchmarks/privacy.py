@@ -16,6 +16,12 @@ background: ``nohup .venv/bin/python benchmarks/privacy.py > /tmp/privacy.log 2>
 ``--cost`` measures the seconds of one client's local training without and with ``privacy.dp_sgd`` and of one
 aggregation without and with DP-FedAvg, alternating the variants so that a shared machine's load hits both
 alike (medians, appended with ``"kind": "cost"``).
+
+``--secagg-cost`` measures seconds per round on the Flower runtime (SuperLink and SuperNodes on 127.0.0.1, as
+``fedlora run`` with ``runtime.kind = "flower"`` starts them) without and with ``privacy.secure_aggregation``:
+the same federation (``SECAGG_COST``: MiniLM, bbc-news, every client in every round), plain and secure runs
+alternating ``--repeats`` times; each round's ``seconds`` (training, aggregation, and evaluation in the last
+round) and bytes, appended with ``"kind": "secagg-flower"``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ COMMON = ["model.name=minilm", "data.dataset=bbc-news", "data.max_examples=0", "
           "train.eval_initial=false", "train.threads=1", "method.weighting=uniform", "adapter.rank=8",
           "privacy.delta=1e-5"]
 CLIP = 1.0
+# The federation of --secagg-cost: every client trains every round, so each round runs SecAgg+ over all of them.
+SECAGG_COST = ["model.name=minilm", "data.dataset=bbc-news", "data.max_examples=0", "data.num_clients=4",
+               "train.clients_per_round=4", "train.local_steps=4", "train.batch_size=16", "train.max_length=32",
+               "train.eval_initial=false", "train.threads=1", "method.name=fedit", "adapter.rank=8",
+               "runtime.kind=flower"]
 
 
 def overrides(method: str, eps: str, seed: int, rounds: int) -> list[str]:
@@ -103,6 +114,17 @@ def table(path: Path) -> str:
                 f"| plain weighted mean of {r['clients']} FedIT uploads ({r['entries_per_upload']:,} entries each) | "
                 f"{r['plain_seconds']:.3f} |",
                 f"| SecAgg+ (Flower's workflow and mod, 5 shares, threshold 3) | {r['secaggplus_seconds']:.1f} |"]
+    for r in (r for r in rows if r["kind"] == "secagg-flower"):
+        p, s = "plain_", "secure_"
+        out += ["", f"| Flower runtime, {r['clients']} clients, median over rounds × {r['repeats']} alternating runs "
+                "| without SecAgg+ | with SecAgg+ | ratio |", "|---|---|---|---|"]
+        for label, key, fmt in (("seconds per round (train + aggregate)", "train_round_seconds", "{:.1f}"),
+                                ("seconds of the last round (+ evaluation)", "eval_round_seconds", "{:.1f}"),
+                                ("bytes_up per round (the record's)", "bytes_up", "{:,.0f}"),
+                                ("serialised bytes up per round (message log)", "wire_bytes_up", "{:,.0f}"),
+                                ("serialised bytes down per round (message log)", "wire_bytes_down", "{:,.0f}")):
+            out.append(f"| {label} | {fmt.format(r[p + key])} | {fmt.format(r[s + key])} | "
+                       f"{r[s + key] / r[p + key]:.2f} |")
     for r in (r for r in rows if r["kind"] == "cost"):
         out += ["", f"| cost (median of {r['repeats']}, alternating) | seconds | with privacy | ratio |",
                 "|---|---|---|---|",
@@ -190,6 +212,48 @@ def secagg_cost(out: Path, clients: int = 10, repeats: int = 3) -> None:
     print(json.dumps(result), flush=True)
 
 
+def secagg_flower_cost(out: Path, rounds: int = 3, repeats: int = 1) -> None:
+    """Seconds per round of one federation on the Flower runtime (127.0.0.1) without and with secure aggregation,
+    the two runs alternating ``repeats`` times (start-up, which both pay alike, is not in a round's seconds)."""
+    import statistics
+    import tempfile
+
+    from fedlora import config
+    from fedlora.report import RunDir
+    from fedlora.runtime.flower_launch import run_local
+
+    sets = SECAGG_COST + [f"train.rounds={rounds}", f"train.eval_every={rounds}"]
+    runs: dict[str, list[dict[str, Any]]] = {"plain": [], "secure": []}
+    for _ in range(repeats):
+        for name, extra in (("plain", []), ("secure", ["privacy.secure_aggregation=true"])):
+            with tempfile.TemporaryDirectory(prefix="fedlora-secagg-cost-") as tmp:
+                t0 = time.perf_counter()
+                run_local(config.load(None, sets + extra), RunDir(Path(tmp) / "run"), progress=False, timeout=1800)
+                wall = time.perf_counter() - t0
+                records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+                wire = [json.loads(x) for x in (Path(tmp) / "run" / "flower" / "rounds.jsonl").read_text().splitlines()]
+            rs = [r for r in records if r["round"] > 0]
+            runs[name].append({"wall_seconds": wall, "seconds": [r["seconds"] for r in rs],
+                               "bytes_up": [r["bytes_up"] for r in rs], "acc_global": rs[-1]["acc_global"],
+                               "wire_bytes_up": [w["wire_bytes_up"] for w in wire if w["round"] > 0],
+                               "wire_bytes_down": [w["wire_bytes_down"] for w in wire if w["round"] > 0]})
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {json.dumps(runs[name][-1])}", flush=True)
+
+    def median(name: str, key: str, last: bool) -> float:  # rounds without evaluation, or the evaluated last one
+        return statistics.median(v for r in runs[name] for i, v in enumerate(r[key]) if (i == rounds - 1) == last)
+
+    result = {"key": f"secagg-flower/{time.strftime('%Y%m%d-%H%M%S')}", "kind": "secagg-flower", "rounds": rounds,
+              "repeats": repeats, "clients": 4, "sets": sets, "runs": runs,
+              **{f"{name}_{what}": median(name, key, last) for name in runs
+                 for what, key, last in (("train_round_seconds", "seconds", False),
+                                         ("eval_round_seconds", "seconds", True),
+                                         ("bytes_up", "bytes_up", False), ("wire_bytes_up", "wire_bytes_up", False),
+                                         ("wire_bytes_down", "wire_bytes_down", False))}}
+    with out.open("a") as f:
+        f.write(json.dumps(result) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k not in ("sets", "runs")}), flush=True)
+
+
 def torch_from(a: Any) -> Any:
     import torch
 
@@ -198,7 +262,7 @@ def torch_from(a: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["fedit", "ffa"])
+    ap.add_argument("--methods", nargs="+", default=["fedit", "ffa", "fedsa", "fedsvd"])
     ap.add_argument("--eps", nargs="+", default=["off", "4", "inf", "1", "16"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--rounds", type=int, default=5)
@@ -206,6 +270,9 @@ def main() -> None:
     ap.add_argument("--cost", action="store_true", help="measure seconds per round with and without dp_sgd")
     ap.add_argument("--table", action="store_true", help="print the results in --out as a markdown table")
     ap.add_argument("--secagg", action="store_true", help="time one SecAgg+ round against the plain mean")
+    ap.add_argument("--secagg-cost", action="store_true",
+                    help="seconds per round on the Flower runtime without and with privacy.secure_aggregation")
+    ap.add_argument("--repeats", type=int, default=1, help="--secagg-cost: alternating plain/secure pairs")
     args = ap.parse_args()
     if args.table:
         print(table(args.out))
@@ -221,6 +288,9 @@ def main() -> None:
         return
     if args.secagg:
         secagg_cost(args.out)
+        return
+    if args.secagg_cost:
+        secagg_flower_cost(args.out, args.rounds, args.repeats)
         return
     for seed in args.seeds:
         for eps in args.eps:

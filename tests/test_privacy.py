@@ -35,7 +35,10 @@ pytest.importorskip("opacus")
      r"method.name = 'flora-na' needs each client's upload, not only their sum"),
     (["privacy.secure_aggregation=true", "method.name=fedex"], r"method.name = 'fedex' needs each client's upload"),
     (["privacy.secure_aggregation=true", "method.name=fedit"], r"needs runtime.kind = 'flower'"),
-    (["privacy.secure_aggregation=true", "method.name=fedit", "runtime.kind=flower"], r"is not wired into fedlora's"),
+    (["privacy.secure_aggregation=true", "method.name=fedit", "runtime.kind=flower", "train.max_update_norm_ratio=3"],
+     r"train.max_update_norm_ratio = 3 screens updates by their norms; set it to 0"),
+    (["privacy.secure_aggregation=true", "method.name=fedit", "runtime.kind=flower", "faults.crash=0.1"],
+     r"faults are injected into individual uploads on the server side"),
     (["privacy.dp_sgd=true", "adapter.kind=vera"], r"privacy.dp_sgd = true needs .*adapter.kind = 'vera' does not "
                                                     r"provide"),
     (["privacy.dp_sgd=true", "train.dtype=bfloat16"], r"privacy.dp_sgd = true needs train.dtype = 'float32'"),

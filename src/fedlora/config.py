@@ -256,8 +256,9 @@ class PrivacyConfig(_Section):
                         "Poisson-sampled batches); each client's epsilon is reported")
     dp_sgd_noise_multiplier: float = _opt(1.0, "DP-SGD noise std / dp_sgd_clip_norm", ge=0)
     dp_sgd_clip_norm: float = _opt(1.0, "DP-SGD per-example gradient L2 bound", gt=0)
-    secure_aggregation: bool = _opt(False, "the server would learn only the sum of the uploads (Flower SecAgg+): "
-                                    "reserved, refused until wired into the Flower runtime (docs/privacy.md)")
+    secure_aggregation: bool = _opt(False, "the server learns only the weighted mean of each round's uploads "
+                                    "(Flower's SecAgg+; runtime.kind = 'flower' and a sum_only method; "
+                                    "docs/privacy.md)")
 
     @property
     def active(self) -> bool:

@@ -42,6 +42,22 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class MeanShare(Upload):
+    """Under secure aggregation, client ``client``'s part in a round as the server holds it: the server never sees
+    the client's upload, only the weighted mean of the uploads of the clients in the secure sum, so ``payload`` is
+    that mean (Flower's SecAgg+ workflow hands its Strategy the same). For a ``sum_only`` method, aggregating the
+    m shares of a round gives what aggregating the m uploads gives: a weighted mean of equal tensors is that tensor,
+    and central DP's m / E[m] still counts m. ``sent`` is what the client sent in the round's SecAgg+ stages (key
+    exchange, shares, masked vector; serialised): the bytes counted for it (fedlora.runtime.flower_secagg)."""
+
+    sent: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.sent
+
+
+@dataclass(frozen=True)
 class RoundPlan:
     """What clients do in one round, as the method plans it: the adapter keys they do not train (``frozen``) and
     the keys they upload (``upload``; the server validates every upload against exactly these)."""

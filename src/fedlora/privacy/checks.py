@@ -40,10 +40,15 @@ def check_config(config: Config) -> None:
         if config.runtime.kind != "flower":
             raise ConfigError("privacy.secure_aggregation = true needs runtime.kind = 'flower': the embedded runtime "
                               "holds every client in one process, so there is no one to hide an upload from, and it "
-                              "does not pretend to (refused rather than simulated)")
-        raise ConfigError("privacy.secure_aggregation = true is not wired into fedlora's Flower runtime yet: its "
-                          "rounds send each upload in its own message, so the server would still see every upload; "
-                          "refused rather than run without the protection it promises (docs/privacy.md)")
+                              "does not pretend to (refused rather than simulated; docs/privacy.md)")
+        if config.train.max_update_norm_ratio > 0:
+            raise ConfigError(f"privacy.secure_aggregation = true hides each update from the server, but "
+                              f"train.max_update_norm_ratio = {config.train.max_update_norm_ratio:g} screens updates "
+                              "by their norms; set it to 0")
+        if config.faults.active:
+            raise ConfigError("privacy.secure_aggregation = true with [faults]: faults are injected into individual "
+                              "uploads on the server side, which secure aggregation hides; turn the faults off (a "
+                              "client dropping out is tested with the node config fail-at, docs/flower.md)")
     if p.dp_sgd:
         from fedlora.registry import ADAPTERS, CAPABILITIES
 

@@ -27,7 +27,8 @@ Node config (``flower-supernode --node-config``):
                    (default: <adapter-dir>.state; runtime/flower_state.py)
   threads          torch CPU threads on this node (default: train.threads)
   fail-at, kill-at testing aids: ``train@2,evaluate@1`` makes the ClientApp raise, or SIGKILL its own
-                   process group (the SuperNode), when that message arrives
+                   process group (the SuperNode), when that message arrives; with secure aggregation also a
+                   SecAgg+ stage, e.g. ``secagg.collect_masked_vectors@1`` (a client dropping out mid-protocol)
 
 A client's full adapter state (its shared tensors and its private ones: FedSA's B side and head) is kept in
 ``context.state``, which Flower stores on the SuperNode between messages, and in the node's state folder after
@@ -61,6 +62,7 @@ from fedlora.errors import FedloraError
 from fedlora.experiment import Experiment, build
 from fedlora.report import RunDir, save_adapter
 from fedlora.runtime import flower_codec as codec
+from fedlora.runtime import flower_secagg as secagg
 from fedlora.runtime.flower_state import default_state_dir, load_snapshot, needed_round, save_snapshot
 from fedlora.runtime.flower_transport import FlowerTransport, discover
 from fedlora.runtime.loop import run_rounds, summarize
@@ -70,8 +72,19 @@ from fedlora.runtime.driver import apply_base_update, make_server
 APP_DIR = Path(__file__).with_name("flwrapp")  # the Flower app config (pyproject.toml) for `flwr run`
 STATE, META, BASE = "fedlora.state", "fedlora.meta", "fedlora.base"  # context.state records (node-local)
 
+
+
+def _secure_aggregation(message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    """A ClientApp mod: SecAgg+'s stages (privacy.secure_aggregation) go to Flower's mod around this node's held
+    upload (fedlora.runtime.flower_secagg); every other message to fedlora's handlers."""
+    if not secagg.is_protocol_message(message):
+        return call_next(message, context)
+    _fault_hooks(context, f"secagg.{secagg.stage_of(message)}", int(message.metadata.group_id))
+    return secagg.serve(message, context)
+
+
 server_app = ServerApp()
-client_app = ClientApp()
+client_app = ClientApp(mods=[_secure_aggregation])
 
 
 def config_from_text(text: str) -> Config:
@@ -150,6 +163,9 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     transport = FlowerTransport(grid, server, nodes, lambda s: exp.trainer.evaluate(s, exp.split.global_test),
                                 on_broadcast, round_timeout=cfg.train.round_timeout, poll=poll, log=log)
     loop_transport: Any = transport
+    if cfg.privacy.secure_aggregation:  # the server learns only each round's weighted mean (Flower's SecAgg+)
+        loop_transport = secagg.SecureAggregation(transport, server, cfg.method.weighting,
+                                                  replace(secagg.Parameters(), timeout=cfg.train.round_timeout or None))
     if cfg.faults.active:  # the same seeded fault injection as the embedded runtime, wrapped around Flower
         from fedlora.faults import FaultyTransport
 
@@ -164,6 +180,8 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     def on_record(record: dict[str, Any]) -> None:
         from fedlora.checkpoint import save_checkpoint
 
+        if cfg.privacy.secure_aggregation and record.get("agg_error") is not None:
+            record["agg_error"] = None  # it needs each client's factors; the server held only their mean
         records.append(record)
         out.append_metrics(record)
         observers.event("metrics", record["round"])
@@ -184,7 +202,7 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     run_rounds(server, loop_transport, cfg, exp.split.global_test, on_record=on_record, start_round=first_round,
                evaluate_initial=not records, on_event=observers.event)
     summary = summarize(records, elapsed_before + time.perf_counter() - start)
-    if loop_transport is not transport:
+    if cfg.faults.active:
         from fedlora.runtime.driver import injected_from
 
         summary["faults_injected"] = injected_from(records, loop_transport)
@@ -375,7 +393,11 @@ def _train(message: Message, context: Context) -> Message:
     node.receive(codec.get_broadcasts(message.content))
     round_ = int(message.content[codec.HEADER]["round"])
     upload, _ = node.fit(round_)
-    reply = codec.upload_reply(upload, setup.exp.method.plan(round_).upload)
+    keys = setup.exp.method.plan(round_).upload
+    config = setup.exp.config
+    # With secure aggregation the upload stays here until the round's SecAgg+ stages mask it; the reply is a receipt.
+    reply = secagg.hold(context, upload, keys, round_, config.method.weighting) if config.privacy.secure_aggregation \
+        else codec.upload_reply(upload, keys)
     _persist(context, setup, node, round_)
     reply["timing"] = ConfigRecord({"compute_s": time.perf_counter() - start})
     return Message(reply, reply_to=message)
