@@ -172,7 +172,8 @@ def save_adapter(exp: Experiment, state: Mapping[str, torch.Tensor], path: Path,
                 exp.model.save_pretrained(inner, selected_adapters=[adapter])
                 for f in (Path(inner) / adapter).iterdir():
                     os.replace(f, tmp / f.name)
-        from fedlora.export import write_base_weights, write_private_adapter
+        from fedlora.export import write_base_weights
+        from fedlora.private_adapter import write_private_adapter
 
         write_base_weights(exp, tmp)  # FedEx / FLoRA: the base weights the method changed (fedlora.export)
         write_private_adapter(exp, state, tmp)  # FedDPA: the client's local adapter, in tmp/private/
