@@ -277,7 +277,9 @@ class Mixing:
 
     def _scale(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         base = self._base[id(module)]
-        ndim = args[0].dim() if args and isinstance(args[0], torch.Tensor) else 1
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        # the output has the input's dimensions (a Linear layer), one more for token ids (an Embedding layer)
+        ndim = 1 if x is None else x.dim() + int(not x.is_floating_point())
         for name, w in zip(("default", PRIVATE_ADAPTER), self.weights):
             if isinstance(w, torch.Tensor):  # one weight per example: (batch, 1, ..., 1) against the layer's input
                 w = w.reshape(-1, *([1] * (ndim - 1)))
