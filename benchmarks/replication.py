@@ -181,6 +181,22 @@ def run_job(job: tuple[list[str], int, str]) -> str:
     return f"{where} s{seed}: {wall:.0f} s ({cpu:.0f} s CPU)"
 
 
+def warm_imports() -> None:
+    """Import every fedlora module now. fedlora imports some modules inside functions, at first use; a long
+    replication in a working tree that others edit must not load one module from before an edit and another from
+    after it (an ImportError hours in). Each worker holds the code as it was when it started."""
+    import importlib
+    import pkgutil
+
+    import fedlora
+
+    for m in pkgutil.walk_packages(fedlora.__path__, "fedlora."):
+        try:
+            importlib.import_module(m.name)
+        except ImportError:  # an optional extra (flower, tensorboard, opacus) that a run of this grid does not use
+            pass
+
+
 def run_jobs(jobs: list[tuple[list[str], int, str]], pool: ProcessPoolExecutor | None) -> None:
     todo = [j for j in jobs if not (Path(j[2]) / "runs" / run_name(j) / "summary.json").is_file()]
     if not todo:
@@ -382,7 +398,9 @@ def main() -> None:
     blocks = tuple(replace(b, datasets=(QUICK_DATASET,)) for b in BLOCKS) if args.quick else BLOCKS
     start = time.perf_counter()
     if not args.report_only:
-        pool = ProcessPoolExecutor(args.workers) if args.workers > 1 else None
+        pool = ProcessPoolExecutor(args.workers, initializer=warm_imports) if args.workers > 1 else None
+        if pool is None:
+            warm_imports()
         try:
             for block, dataset in stages(blocks):
                 if block.name in chosen:
