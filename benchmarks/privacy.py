@@ -125,6 +125,9 @@ def table(path: Path) -> str:
                                 ("serialised bytes down per round (message log)", "wire_bytes_down", "{:,.0f}")):
             out.append(f"| {label} | {fmt.format(r[p + key])} | {fmt.format(r[s + key])} | "
                        f"{r[s + key] / r[p + key]:.2f} |")
+        if r.get("within_run_ratio"):
+            out.append(f"| within the secure runs: SecAgg+ stages per round, and round / (round − them) | – | "
+                       f"{r['secure_secagg_seconds']:.1f} s | {r['within_run_ratio']:.2f} |")
     for r in (r for r in rows if r["kind"] == "cost"):
         out += ["", f"| cost (median of {r['repeats']}, alternating) | seconds | with privacy | ratio |",
                 "|---|---|---|---|",
@@ -225,22 +228,26 @@ def secagg_flower_cost(out: Path, rounds: int = 3, repeats: int = 1) -> None:
     sets = SECAGG_COST + [f"train.rounds={rounds}", f"train.eval_every={rounds}"]
     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "secure": []}
     for _ in range(repeats):
-        for name, extra in (("plain", []), ("secure", ["privacy.secure_aggregation=true"])):
+        for name, extra in (("secure", ["privacy.secure_aggregation=true"]), ("plain", [])):
             with tempfile.TemporaryDirectory(prefix="fedlora-secagg-cost-") as tmp:
                 t0 = time.perf_counter()
                 run_local(config.load(None, sets + extra), RunDir(Path(tmp) / "run"), progress=False, timeout=1800)
                 wall = time.perf_counter() - t0
                 records = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
                 wire = [json.loads(x) for x in (Path(tmp) / "run" / "flower" / "rounds.jsonl").read_text().splitlines()]
+                log = [json.loads(x) for x in (Path(tmp) / "run" / "flower" / "messages.jsonl").read_text().splitlines()]
             rs = [r for r in records if r["round"] > 0]
+            # the secure run's own split of each round: receipts (training included) and the SecAgg+ stages
+            phases = {e["round"]: e for e in log if e.get("kind") == "secagg.round"}
             runs[name].append({"wall_seconds": wall, "seconds": [r["seconds"] for r in rs],
+                               "secagg_seconds": [phases[r["round"]]["secagg_seconds"] for r in rs if r["round"] in phases],
                                "bytes_up": [r["bytes_up"] for r in rs], "acc_global": rs[-1]["acc_global"],
                                "wire_bytes_up": [w["wire_bytes_up"] for w in wire if w["round"] > 0],
                                "wire_bytes_down": [w["wire_bytes_down"] for w in wire if w["round"] > 0]})
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {json.dumps(runs[name][-1])}", flush=True)
 
     def median(name: str, key: str, last: bool) -> float:  # rounds without evaluation, or the evaluated last one
-        return statistics.median(v for r in runs[name] for i, v in enumerate(r[key]) if (i == rounds - 1) == last)
+        return statistics.median(v for r in runs[name] for i, v in enumerate(r.get(key, [])) if (i == rounds - 1) == last)
 
     result = {"key": f"secagg-flower/{time.strftime('%Y%m%d-%H%M%S')}", "kind": "secagg-flower", "rounds": rounds,
               "repeats": repeats, "clients": 4, "sets": sets, "runs": runs,
@@ -249,6 +256,12 @@ def secagg_flower_cost(out: Path, rounds: int = 3, repeats: int = 1) -> None:
                                          ("eval_round_seconds", "seconds", True),
                                          ("bytes_up", "bytes_up", False), ("wire_bytes_up", "wire_bytes_up", False),
                                          ("wire_bytes_down", "wire_bytes_down", False))}}
+    # Within the secure runs (the same load on both parts): a round's seconds against the same round without its
+    # SecAgg+ stages.
+    within = [s / (s - a) for r in runs["secure"] for i, (s, a) in enumerate(zip(r["seconds"], r["secagg_seconds"]))
+              if i != rounds - 1]
+    result["secure_secagg_seconds"] = median("secure", "secagg_seconds", False)
+    result["within_run_ratio"] = statistics.median(within) if within else None
     with out.open("a") as f:
         f.write(json.dumps(result) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("sets", "runs")}), flush=True)

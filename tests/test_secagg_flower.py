@@ -166,6 +166,8 @@ def test_no_message_the_serverapp_receives_holds_an_upload_in_the_clear(tmp_path
     log = [json.loads(x) for x in (tmp_path / "secure" / "flower" / "messages.jsonl").read_text().splitlines()]
     up = [e for e in log if e["dir"] == "up" and e["kind"] in ("train", "secagg.collect_masked_vectors")]
     assert len(up) == 6 and all(not any(e["arrays"].values()) for e in up)  # the message log says the same
+    phases = [e for e in log if e["kind"] == "secagg.round"]  # the round's two phases, timed (--secagg-cost)
+    assert [(e["round"], e["nodes"], e["summed"], e["attempts"]) for e in phases] == [(1, 3, 3, 1)]
 
 
 # ---- a client dropping out mid-protocol -------------------------------------------------------------------------

@@ -205,6 +205,7 @@ class SecureAggregation:
         return result
 
     def _secure_round(self, round_: int) -> dict[int, Upload | ClientFailure]:
+        t0 = time.perf_counter()
         out: dict[int, Upload | ClientFailure] = {}
         receipts: dict[int, Upload] = {}
         for c in self.server.sample(round_):
@@ -223,7 +224,9 @@ class SecureAggregation:
         relay = Relay(self.inner, nodes, round_, self.params.timeout)
         taking_part = list(nodes)
         result = None
+        t1, attempts = time.perf_counter(), 0
         while len(taking_part) >= 2:
+            attempts += 1
             relay.masked, relay.shares = set(), False
             result = secaggplus(relay, taking_part, round_, self.params, max_weight=max_weight)
             # Flower 1.41's workflow halts when a node drops out before sending its key shares (at setup or
@@ -237,6 +240,10 @@ class SecureAggregation:
             for n in again:
                 relay.errors.pop(n, None)
             taking_part = again
+        # the two phases' wall-clock seconds, for the cost of secure aggregation (benchmarks/privacy.py --secagg-cost)
+        self.inner.log({"dir": "-", "kind": "secagg.round", "round": round_, "train_seconds": round(t1 - t0, 4),
+                        "secagg_seconds": round(time.perf_counter() - t1, 4), "attempts": attempts,
+                        "nodes": len(nodes), "summed": len(result.nodes) if result is not None else 0})
         if result is None:
             why = "it needs at least 2 clients" if len(taking_part) < 2 else "too few clients were left"
             for node, c in nodes.items():
