@@ -94,9 +94,11 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
         by_cell: dict[str, list[int]] = {}
         for c, s in missing:
             by_cell.setdefault(f"{_title(c.dataset, c.optimizer)} · {c.variant.label}", []).append(s)
-        lines += [f"> **Partial**: {len(expected) - len(missing)} of {len(expected)} grid runs finished when this was "
-                  f"written; {len(by_cell)} cells miss seeds (listed under *Missing cells*). Verdicts use the seeds "
-                  "that exist; run the same command again to finish.", ""]
+        lines += [f"> **Partial**: {n_runs} of the replication's {total_runs} runs had finished when this was written "
+                  f"({len(expected) - len(missing)} of {len(expected)} grid runs, the rest learning-rate tuning); "
+                  f"{len(by_cell)} cells miss seeds or have none (listed under *Missing cells*). Every verdict below "
+                  "uses only the seeds that exist (n in each interval), and a claim whose cells have not run says "
+                  "*not run*. The same command finishes the replication (finished runs are kept).", ""]
     lines += [f"- Command: `{command}`",
               f"- Written: {date.strftime('%Y-%m-%d %H:%M UTC')}; machine: {machine}",
               (f"- This document was rewritten from the finished runs (`--report-only`, {wall / 60:.1f} min)"
@@ -232,6 +234,7 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
     lines += ["## Learning-rate tuning (validation split)", "",
               "| dataset | optimizer | method | candidates: final mean validation accuracy (%) | chosen |",
               "|---|---|---|---|---|"]
+    edges = tuned = 0
     for block in blocks:
         for dataset in block.datasets:
             for v in block.variants:
@@ -239,8 +242,16 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
                     continue
                 res = rp.tuning_results(out, dataset, block.optimizer, v, args.quick)
                 lr = rp.chosen_lr(res)
+                edge = lr is not None and len(res) > 1 and lr == max(x for x, _ in res)
+                edges += edge
+                tuned += lr is not None
                 lines.append(f"| {dataset} | {block.optimizer} | {v.label} | "
-                             + ", ".join(f"{x:g}: {cc.pct(a)}" for x, a in res) + f" | {'—' if lr is None else f'{lr:g}'} |")
+                             + ", ".join(f"{x:g}: {cc.pct(a)}" for x, a in res)
+                             + f" | {'—' if lr is None else f'{lr:g}'}{' (largest candidate)' if edge else ''} |")
+    if edges:
+        lines += ["", f"{edges} of the {tuned} chosen learning rates are the largest candidate: a larger one might have "
+                      "done better for those methods, so their accuracies are lower bounds of what tuning could reach "
+                      "at this budget (the same candidates were given to every method)."]
 
     lines += ["", "## Majority-class floors and client test splits", "",
               "| dataset | seed | floor per client (%) | mean | global floor | client test sizes |", "|---|---|---|---|---|---|"]
