@@ -204,7 +204,6 @@ class Method(ABC):
     def aggregate(self, uploads: Sequence[Upload], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         """Turn validated uploads into the broadcast. ``global_state`` is the server's current adapter."""
 
-
     def from_mean(self, mean: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]) -> Broadcast:
         """For a ``sum_only`` method: the broadcast, given only the weighted mean of the round's uploads (key by key)
         and the global state. The mean itself here (FedIT, FFA, FedSA, RoLoRA); FedSVD re-factorises it. Central DP
