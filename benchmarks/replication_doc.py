@@ -106,7 +106,7 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
               + " (load average when written: "
               f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores: other jobs shared the "
               f"machine). The {n_runs} finished runs (tuning and grid) took {run_seconds / 60:.1f} min of wall time "
-              "one after another"
+              "summed over runs (several ran at once)"
               + (f"; the {measured} whose CPU time was recorded used {cpu_seconds / 60:.1f} min of CPU (one thread "
                  f"each), {cpu_seconds / max(measured, 1):.0f} s per run, so the whole replication ({total_runs} runs) "
                  f"needs about {cpu_seconds / max(measured, 1) * total_runs / 60:.0f} min of CPU: about "
