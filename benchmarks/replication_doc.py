@@ -64,6 +64,10 @@ def _verdict_lines(rows: Sequence[cc.Row]) -> list[str]:
         chosen = [r for r in rows if r.verdict.startswith(verdict)]
         if not chosen:
             continue
+        if verdict == "not run":  # the settings are in the tables below and under *Missing cells*
+            out.append(f"  - **not run** ({len(chosen)}): "
+                       + "; ".join(dict.fromkeys(_title(r.dataset, r.optimizer) for r in chosen)))
+            continue
         items = "; ".join(f"{_title(r.dataset, r.optimizer)}: {r.left.variant.label if r.left else r.claim.left} "
                           f"{'>' if r.claim.higher else '<'} {r.right.variant.label if r.right else r.claim.right} "
                           f"({cc.METRIC_NAMES[r.claim.metric]}; {_why(r)})" for r in chosen)
