@@ -51,7 +51,7 @@ def _why(row: cc.Row) -> str:
         return f"not {100 * cc.MARGIN:.0f} points above the majority floor: {row.verdict.removeprefix('did not learn ')}"
     assert p is not None
     scale, digits = cc._scale(row.claim.metric)
-    unit = " points" if scale == 100.0 else ""
+    unit = {"personal": " points", "global": " points", "acc_per_mib": " %/MiB"}.get(row.claim.metric, "")
     if row.verdict == "inconclusive":
         return (f"the interval {cc.interval(p, scale, digits)} contains 0" if p.n >= 2
                 else f"one seed only ({cc.num(p.diff * scale, digits, '+')}{unit})")
