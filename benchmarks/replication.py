@@ -81,7 +81,7 @@ PRIVATE = (_v("fedsa", "fedsa", "FedSA-LoRA"),
            _v("fedit-private", "fedit", "FedIT, head private", share_head=False),
            _v("ffa-private", "ffa", "FFA-LoRA, head private", share_head=False),
            _v("feddpa-private", "feddpa", "FedDPA-LoRA, head private", share_head=False),
-           _v("local", "local", "local only", reference=True),
+           _v("local", "local-only", "local only", reference=True),
            _v("central", "fedit", "centralized (pooled data)", central=True, reference=True))
 CLAIM1 = tuple(Claim("1", "fedsa", other, "personal") for other in ("fedit-private", "ffa-private", "feddpa-private"))
 SHARED = (_v("fedit", "fedit", "FedIT, head shared", tune_as="fedit-private"),
@@ -359,7 +359,7 @@ def similarities(args: argparse.Namespace, out: Path, blocks: Sequence[Block]
             continue
         for dataset in block.datasets:
             for seed in args.seeds:
-                d = main_dir(out, dataset, block.optimizer, "local") / "runs" / f"local-lora-s{seed}"
+                d = main_dir(out, dataset, block.optimizer, "local") / "runs" / f"local-only-lora-s{seed}"
                 if not (d / "summary.json").is_file():
                     continue
                 if (dataset, seed) not in inits:  # the run's own initial adapter (its config, less data)

@@ -141,7 +141,7 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
               "trained in every run.",
               "- **References** on every table: the *majority-class floor* (each client predicts its training "
               "majority: what a personalized model reaches by learning only the label skew), *local only* (method "
-              "`local`: each client alone, same budget, nothing sent) and *centralized* (one client holding the pooled "
+              "`local-only`: each client alone, same budget, nothing sent) and *centralized* (one client holding the pooled "
               "training data, 3× the local steps: the same examples seen; its personalized column is its accuracy on "
               "its own held-out 20%, its global column is on the same global test set as every run).",
               f"- **Verdicts**: paired difference over seeds with a 95% Student-t interval: *holds* when it excludes 0 "

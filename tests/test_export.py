@@ -81,7 +81,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> P
 SAVED_CASES = [("fedit", "lora"), ("ffa", "lora"), ("fedsa", "lora"), ("flora-na", "lora"), ("fedex", "lora"),
                ("flora", "lora"), ("fedex", "rslora"), ("flora", "rslora"), ("fedit", "vera"), ("fedsa", "vera"),
                ("feddpa", "lora"), ("rolora", "lora"), ("fedsvd", "lora"), ("lora-fair", "lora"), ("flexlora", "lora"),
-               ("local", "lora")]
+               ("local-only", "lora")]
 
 
 @pytest.mark.parametrize("method,adapter", SAVED_CASES)

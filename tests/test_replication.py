@@ -60,7 +60,7 @@ def test_validation_fraction_is_checked() -> None:
 # ------------------------------------------------------------------------------------------------ local only
 
 def test_local_method_sends_nothing_and_each_client_learns_alone(tmp_path: Path) -> None:
-    cfg = tiny_config("method.name=local")
+    cfg = tiny_config("method.name=local-only")
 
     summary = simulation.run(cfg, RunDir(tmp_path / "run"), progress=False)
 
@@ -72,7 +72,7 @@ def test_local_method_sends_nothing_and_each_client_learns_alone(tmp_path: Path)
 
 def test_local_method_refuses_a_shared_head() -> None:
     with pytest.raises(ConfigError, match="local-only training shares nothing"):
-        tiny_config("method.name=local", "method.share_head=true")
+        tiny_config("method.name=local-only", "method.share_head=true")
 
 
 # ------------------------------------------------------------------------------------------------ statistics

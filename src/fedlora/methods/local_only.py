@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class LocalOnly(Method):
-    name = "local"
+    name = "local-only"
     description = "local-only reference: every client trains its own adapter and head alone; nothing is sent"
     default_share_head = False
     has_global_model = False
