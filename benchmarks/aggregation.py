@@ -416,8 +416,8 @@ def print_contention(result: dict[str, object]) -> None:
               f"{result['loaded_over_idle_before'][mode]:.1f}×  (target <= 3×)")  # type: ignore[index]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The synthetic adapter set's shape and threads (the 7B shape by default), shared by the aggregation benchmarks."""
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--d", type=int, default=4096, help="layer is d×d")
     ap.add_argument("--rank", type=int, default=16)
@@ -425,6 +425,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads; the reference machine has 2 cores")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--heterogeneity", type=float, default=0.5, help="client drift relative to the shared part")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_args(ap)
     ap.add_argument("--repeats", type=int, default=5, help="repeats of the cheap routes (median per layer)")
     ap.add_argument("--dense-layers", type=int, default=2, help="layers the dense SVD route is timed on")
     ap.add_argument("--coef-layers", type=int, default=4, help="layers flora_na_coefficients is timed on")

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/aggregatio
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from aggregation import Layer, make_layer, make_weights, time_route  # noqa: E402
+from aggregation import Layer, add_shape_args, make_layer, make_weights, time_route  # noqa: E402
 
 from fedlora import functional as F  # noqa: E402
 
@@ -51,13 +51,7 @@ def hetero(layers: list[Layer], ranks: tuple[int, ...]) -> list[Layer]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layers", type=int, default=64)
-    ap.add_argument("--d", type=int, default=4096, help="layer is d×d")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--clients", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heterogeneity", type=float, default=0.5)
+    add_shape_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
