@@ -15,6 +15,7 @@ What is accounted, per mode (docs/privacy.md explains the neighbouring relations
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -67,10 +68,11 @@ def sgd_epsilon(noise_multiplier: float, rate: float, steps: int, delta: float) 
     return epsilon([(noise_multiplier, min(1.0, rate), steps)], delta)
 
 
+@functools.lru_cache(maxsize=64)
 def calibrate(mode: str, target_epsilon: float, delta: float, rate: float, rounds: int) -> float:
     """The smallest noise multiplier (to 0.01 in ε) whose ε after ``rounds`` rounds is at most ``target_epsilon``:
     Opacus's ``get_noise_multiplier`` (binary search over its accountant). ``local`` assumes a client that takes
-    part in every round."""
+    part in every round. Cached: the search takes seconds and every ``Config.resolved()`` asks for it again."""
     require_opacus()
     from opacus.accountants.utils import get_noise_multiplier
 
