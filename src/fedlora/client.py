@@ -167,18 +167,24 @@ class LocalTrainer:
             torch.manual_seed(seed)
             self.model.train()
             for idx in batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed):
-                with self._autocast():
-                    loss = self.task.loss(self.model, self.task.batch(idx, self.device))
-                loss.backward()
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                losses.append(self._step(self.model, opt, params, idx, clip=True))
             self.model.eval()
             for p in params:
                 p.requires_grad_(False)
         return {**state, **read_state(self.private_slots)}, float(np.mean(losses)) if losses else 0.0
+
+    def _step(self, model: torch.nn.Module, opt: torch.optim.Optimizer, params: Sequence[torch.Tensor],
+              idx: np.ndarray, clip: bool) -> float:
+        """One optimizer step on the examples ``idx`` (gradient clipped to ``train.max_grad_norm`` when ``clip``);
+        returns the batch's loss."""
+        with self._autocast():
+            loss = self.task.loss(model, self.task.batch(idx, self.device))
+        loss.backward()
+        if clip and self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
     def train(self, state: Mapping[str, torch.Tensor], data: ClientData, round_: int,
               frozen: Collection[str] = (), adapter: str = "default") -> TrainResult:
@@ -202,14 +208,8 @@ class LocalTrainer:
             for idx in batches:
                 if len(idx) == 0:  # a Poisson batch (DP-SGD) may be empty: no gradient, no step
                     continue
-                with self._autocast():
-                    loss = self.task.loss(model, self.task.batch(idx, self.device))
-                loss.backward()
-                if cfg.max_grad_norm > 0 and dp is None:  # DP-SGD clips each example's gradient instead
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                # DP-SGD clips each example's gradient instead of the batch's
+                losses.append(self._step(model, opt, params, idx, clip=dp is None))
         self.model.eval()
         for p in params:
             p.requires_grad_(False)
