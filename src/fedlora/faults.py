@@ -15,10 +15,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from fedlora.adapters import State
 from fedlora.config import FaultsConfig
 from fedlora.methods import Broadcast, Upload
-from fedlora.runtime.loop import ClientFailure, Transport
+from fedlora.runtime.loop import ClientFailure, Transport, WrappedTransport
 
 KINDS = ("crash", "nonfinite", "wrong_shape", "straggler")
 
@@ -56,11 +55,11 @@ def corrupt_shape(payload: dict[str, torch.Tensor], round_: int, client: int) ->
     return out
 
 
-class FaultyTransport:
+class FaultyTransport(WrappedTransport):
     """Injects the configured faults into ``inner``'s fit replies; also enforces ``round_timeout``."""
 
     def __init__(self, inner: Transport, cfg: FaultsConfig, round_timeout: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.cfg = cfg
         self.round_timeout = round_timeout
         self.injected = {k: 0 for k in KINDS}
@@ -87,12 +86,3 @@ class FaultyTransport:
             self.injected["wrong_shape"] += 1
             payload = corrupt_shape(payload, round_, client)
         return Upload(upload.client, payload, upload.num_examples, upload.meta)
-
-    def evaluate(self, client: int, broadcasts: Sequence[Broadcast]) -> dict[str, float]:
-        return self.inner.evaluate(client, broadcasts)
-
-    def evaluate_global(self, state: State) -> dict[str, float]:
-        return self.inner.evaluate_global(state)
-
-    def on_broadcast(self, broadcast: Broadcast) -> None:
-        self.inner.on_broadcast(broadcast)

@@ -37,6 +37,7 @@ from fedlora.errors import ClientFailure, FedloraError
 from fedlora.privacy.secagg import Parameters, secaggplus
 from fedlora.protocol import Broadcast, MeanShare, Upload
 from fedlora.runtime import flower_codec as codec
+from fedlora.runtime.loop import WrappedTransport
 
 if TYPE_CHECKING:
     from fedlora.adapters import State
@@ -180,13 +181,14 @@ class Relay:
         return replies
 
 
-class SecureAggregation:
+class SecureAggregation(WrappedTransport):
     """A :class:`~fedlora.runtime.loop.Transport`: ``inner``'s train messages return receipts, then one SecAgg+
     round over the clients that sent one; each client in the secure sum is answered with a
     :class:`~fedlora.protocol.MeanShare`. Evaluation is ``inner``'s."""
 
     def __init__(self, inner: FlowerTransport, server: Server, weighting: str, params: Parameters = Parameters()) -> None:
-        self.inner = inner
+        super().__init__(inner)
+        self.inner: FlowerTransport = inner
         self.server = server
         self.weighting = weighting
         self.params = params
@@ -268,12 +270,3 @@ class SecureAggregation:
         mean = {k: torch.from_numpy(np.asarray(a, dtype=np.float64)).reshape(reference[k].shape).to(reference[k].dtype)
                 for k, a in zip(keys, arrays)}
         return mean, float(np.asarray(arrays[-1]).reshape(-1)[0]) * LOSS_SCALE
-
-    def evaluate(self, client: int, broadcasts: Sequence[Broadcast]) -> dict[str, float]:
-        return self.inner.evaluate(client, broadcasts)
-
-    def evaluate_global(self, state: State) -> dict[str, float]:
-        return self.inner.evaluate_global(state)
-
-    def on_broadcast(self, broadcast: Broadcast) -> None:
-        self.inner.on_broadcast(broadcast)

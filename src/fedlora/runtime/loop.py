@@ -37,6 +37,26 @@ class Transport(Protocol):
     def on_broadcast(self, broadcast: Broadcast) -> None: ...
 
 
+class WrappedTransport:
+    """A :class:`Transport` that changes how clients train and passes everything else to ``inner`` (fault
+    injection, secure aggregation): subclasses define ``fit``."""
+
+    def __init__(self, inner: Transport) -> None:
+        self.inner = inner
+
+    def fit(self, client: int, broadcasts: Sequence[Broadcast], round_: int) -> Upload:
+        raise NotImplementedError
+
+    def evaluate(self, client: int, broadcasts: Sequence[Broadcast]) -> dict[str, float]:
+        return self.inner.evaluate(client, broadcasts)
+
+    def evaluate_global(self, state: State) -> dict[str, float]:
+        return self.inner.evaluate_global(state)
+
+    def on_broadcast(self, broadcast: Broadcast) -> None:
+        self.inner.on_broadcast(broadcast)
+
+
 # Privacy (fedlora.privacy, privacy.dp / privacy.dp_sgd only): cumulative epsilon at delta after the round.
 PRIVACY_FIELDS = ("epsilon", "delta", "epsilon_sgd", "epsilon_sgd_clients")
 
