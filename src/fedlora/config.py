@@ -17,23 +17,15 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedlora import registry
-from fedlora.config_fields import _check_value, _closest, _coerce, _opt, _Section
+from fedlora.config_fields import (  # noqa: F401  (the bounds are part of this module's interface)
+    MAX_BATCH, MAX_COUNT, MAX_SECONDS, MAX_THREADS, MAX_TOKENS, _check_value, _closest, _coerce, _opt, _Section)
+from fedlora.config_guard import FaultsConfig, PrivacyConfig
 from fedlora.errors import ConfigError
 
 MODEL_NAMES = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
 CAUSAL_MODEL_NAMES = ("smollm2", "tiny-llama")
 TASKS = ("auto", "classification", "generation")
 PARTITIONS = ("iid", "dirichlet", "pathological")
-
-# Upper bounds that keep a typo (a count in the billions) from becoming an allocation failure or a run that never
-# ends: far above any real experiment, far below what breaks. train.max_length is also checked against the
-# model's own position limit once the model is known (experiment.check_max_length).
-MAX_COUNT = 1_000_000  # rounds, steps, clients
-MAX_BATCH = 65_536  # examples per batch
-MAX_TOKENS = 1_048_576  # tokens per example
-MAX_THREADS = 1_024  # torch CPU threads
-MAX_SECONDS = 7 * 24 * 3600.0  # a week
-
 
 # Sections whose chosen plugin may declare options of its own (fedlora.registry.Option), kept in the section's
 # ``extra`` field and read as attributes (``config.method.na_estimator``).
@@ -215,55 +207,6 @@ class TrainConfig(_Section):
 class RuntimeConfig(_Section):
     SECTION = "runtime"
     kind: str = _opt("simulation", "where the clients run (fedlora methods lists the runtimes)", choices=registry.RUNTIMES)
-
-
-@dataclass(frozen=True)
-class FaultsConfig(_Section):
-    """Seeded fault injection, per client per round, to test that runs survive broken clients."""
-
-    SECTION = "faults"
-    crash: float = _opt(0.0, "probability a client crashes before replying", ge=0, le=1)
-    nonfinite: float = _opt(0.0, "probability a client's update holds NaN/Inf", ge=0, le=1)
-    wrong_shape: float = _opt(0.0, "probability a client's update has a tensor of the wrong shape", ge=0, le=1)
-    straggler: float = _opt(0.0, "probability a client replies late (after train.round_timeout)", ge=0, le=1)
-    straggler_delay: float = _opt(0.0, "extra seconds a straggler takes (0: twice train.round_timeout)", ge=0,
-                                  le=MAX_SECONDS)
-    seed: int = _opt(0, "seed of the fault draws")
-
-    @property
-    def active(self) -> bool:
-        return any((self.crash, self.nonfinite, self.wrong_shape, self.straggler))
-
-
-@dataclass(frozen=True)
-class PrivacyConfig(_Section):
-    """Differential privacy and secure aggregation (docs/privacy.md); fedlora.privacy wraps the method."""
-
-    SECTION = "privacy"
-    dp: str = _opt("off", "client-level DP: 'local' (each client clips its update to clip_norm and adds Gaussian "
-                   "noise before upload), 'central' (DP-FedAvg: clients clip, the server adds the noise to the sum; "
-                   "clients are then Poisson-sampled with rate clients_per_round/num_clients)",
-                   choices=("off", "local", "central"))
-    clip_norm: float = _opt(1.0, "L2 bound C on a client's update (uploaded tensors minus the round's start)", gt=0)
-    noise_multiplier: float = _opt(1.0, "Gaussian noise std / clip_norm (z); 0: clipping only, no guarantee", ge=0)
-    delta: float = _opt(1e-5, "delta of the reported (epsilon, delta) guarantees", gt=0, lt=1)
-    target_epsilon: float | None = _opt(None, "calibrate noise_multiplier (Opacus RDP accountant) so that epsilon "
-                                        "after train.rounds rounds is at most this (unset: use noise_multiplier)",
-                                        gt=0)
-    noise_seed: int = _opt(-1, "seed of the DP noise (-1: fresh secret entropy each run, for deployments; >= 0: "
-                           "reproducible noise, for experiments only)", ge=-1)
-    dp_sgd: bool = _opt(False, "sample-level DP-SGD in local training (Opacus: per-example clipping and noise, "
-                        "Poisson-sampled batches); each client's epsilon is reported")
-    dp_sgd_noise_multiplier: float = _opt(1.0, "DP-SGD noise std / dp_sgd_clip_norm", ge=0)
-    dp_sgd_clip_norm: float = _opt(1.0, "DP-SGD per-example gradient L2 bound", gt=0)
-    secure_aggregation: bool = _opt(False, "the server learns only the weighted mean of each round's uploads "
-                                    "(Flower's SecAgg+; runtime.kind = 'flower' and a sum_only method; "
-                                    "docs/privacy.md)")
-
-    @property
-    def active(self) -> bool:
-        """Whether anything of this section changes a run (the method is then wrapped by fedlora.privacy)."""
-        return self.dp != "off" or self.dp_sgd or self.secure_aggregation
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,15 @@ from typing import Any, Mapping
 from fedlora import registry
 from fedlora.errors import ConfigError
 
+# Upper bounds that keep a typo (a count in the billions) from becoming an allocation failure or a run that never
+# ends: far above any real experiment, far below what breaks. train.max_length is also checked against the
+# model's own position limit once the model is known (experiment.check_max_length).
+MAX_COUNT = 1_000_000  # rounds, steps, clients
+MAX_BATCH = 65_536  # examples per batch
+MAX_TOKENS = 1_048_576  # tokens per example
+MAX_THREADS = 1_024  # torch CPU threads
+MAX_SECONDS = 7 * 24 * 3600.0  # a week
+
 
 def _opt(default: Any, help: str, **rules: Any) -> Any:
     """A dataclass field with a help string and validation rules (choices, ge, gt, le, lt)."""
