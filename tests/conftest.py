@@ -75,3 +75,26 @@ def assert_same_run(a: Path, b: Path) -> None:
     for name in ta:
         for key in ta[name]:
             assert torch.equal(ta[name][key], tb[name][key]), (name, key)  # bit for bit
+
+
+class Stop(Exception):
+    """Stands for a crash: raised by the kill switch instead of SIGKILL, so the test stays in-process."""
+
+
+def interrupted_and_resumed(cfg: config.Config, out: Path, monkeypatch: pytest.MonkeyPatch, at: str) -> Path:
+    """Run ``cfg`` into ``out``, stopped by the kill switch at ``at`` (``point:round``, e.g. ``metrics:1``), then
+    resumed there; returns ``out``."""
+    from fedlora.report import RunDir
+    from fedlora.runtime import observers, simulation
+
+    def stop(self: observers.KillSwitch, point: str, round_: int) -> None:
+        if self.target == f"{point}:{round_}":
+            raise Stop(self.target)
+
+    with monkeypatch.context() as m:
+        m.setattr(observers.KillSwitch, "event", stop)
+        m.setenv("FEDLORA_TEST_KILL_AT", at)
+        with pytest.raises(Stop):
+            simulation.run(cfg, RunDir(out), progress=False)
+    simulation.run(cfg, RunDir(out, resume=True), progress=False, resume=True)
+    return out

@@ -24,11 +24,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import interrupted_and_resumed, tiny_config
 from fedlora import registry
 from fedlora.protocol import Broadcast, Upload, nbytes
 from fedlora.report import RunDir
-from fedlora.runtime import observers, simulation
+from fedlora.runtime import simulation
 from fedlora.runtime.driver import make_server
 from fedlora.runtime.loop import run_rounds
 
@@ -89,10 +89,6 @@ def assert_same_run(a: Path, b: Path) -> None:
             assert torch.equal(ta[name][key], tb[name][key]), (name, key)
 
 
-class Stop(Exception):
-    """Stands for a crash: raised by the kill switch instead of SIGKILL, so the test stays in-process."""
-
-
 @pytest.mark.parametrize("method,adapter", combinations(), ids=lambda x: x)
 def test_every_method_and_adapter_conforms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                            adapter: str) -> None:
@@ -122,18 +118,7 @@ def test_every_method_and_adapter_conforms(tmp_path: Path, monkeypatch: pytest.M
     assert without_time(records_of(full)) == without_time(spied)
 
     # 3. stopped after round 1's record, before its checkpoint; resumed: the uninterrupted run
-    def stop(self: observers.KillSwitch, point: str, round_: int) -> None:
-        if self.target == f"{point}:{round_}":
-            raise Stop(self.target)
-
-    monkeypatch.setattr(observers.KillSwitch, "event", stop)
-    monkeypatch.setenv("FEDLORA_TEST_KILL_AT", "metrics:1")
-    cut = tmp_path / "cut"
-    with pytest.raises(Stop):
-        simulation.run(cfg, RunDir(cut), progress=False)
-    monkeypatch.delenv("FEDLORA_TEST_KILL_AT")
-    simulation.run(cfg, RunDir(cut, resume=True), progress=False, resume=True)
-    assert_same_run(full, cut)
+    assert_same_run(full, interrupted_and_resumed(cfg, tmp_path / "cut", monkeypatch, "metrics:1"))
 
     # 4. what was saved is what was evaluated
     for client in [*range(cfg.data.num_clients), *([None] if exp.method.global_model else [])]:

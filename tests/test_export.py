@@ -8,22 +8,14 @@ import torch
 
 from conftest import tiny_config
 from fedlora.experiment import build
-from fedlora.runtime.loop import run_round
-from fedlora.runtime.simulation import make_server
-from test_methods import Recorder
+from test_methods import recorded_rounds
 
 # tiny-bert: hidden 32, 2 layers, LoRA rank 4 on query and value (4 modules), float32, 2 labels.
 A_SIDE = B_SIDE = 4 * (4 * 32) * 4  # 4 modules × 128 floats × 4 bytes
 HEAD = (2 * 32 + 2) * 4
 
 
-def rounds(*overrides: str, n: int = 2):  # type: ignore[no-untyped-def]
-    exp = build(tiny_config(*overrides))
-    server = make_server(exp)
-    transport = Recorder(exp)
-    records = [run_round(server, transport, exp.config, r, exp.split.global_test, evaluate=True)
-               for r in range(1, n + 1)]
-    return exp, server, transport, records
+rounds = recorded_rounds
 
 
 # ------------------------------------------------------------------------------------------- honest bytes
@@ -172,7 +164,6 @@ def test_evaluate_an_exported_directory_and_a_new_file(tmp_path_factory, tmp_pat
     exported = export.evaluate(run, None, model_dir=tmp_path / "adapter")
     assert exported["metrics"]["acc"] == saved["metrics"]["acc"] and exported["reproduced"]
     # the global test set written to a csv of its own: the same examples in the same order give the same metrics
-    from fedlora.experiment import build
 
     exp = build(export._run_config(run))
     rows = ["text,label"] + ['"{}",{}'.format(exp.dataset.texts[i].replace('"', '""'),

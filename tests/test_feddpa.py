@@ -16,7 +16,7 @@ from fedlora.adapters import PRIVATE, Mixing, private_part
 from fedlora.errors import ConfigError
 from fedlora.methods.feddpa import dynamic_weights
 from fedlora.report import RunDir
-from fedlora.runtime import observers, simulation
+from fedlora.runtime import simulation
 from fedlora.runtime.driver import make_server
 from fedlora.runtime.loop import run_rounds
 
@@ -175,27 +175,14 @@ def test_dynamic_evaluation_uses_each_example_s_own_weights() -> None:
 def test_killed_after_local_training_resumes_bit_identical(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped after round 3's record (the checkpoint of round 2 holds trained local adapters), resumed: the
     uninterrupted run, metrics row for row and every saved adapter (global and local) bit for bit."""
-    from conftest import assert_same_run
+    from conftest import assert_same_run, interrupted_and_resumed
 
     cfg = tiny_config(*DPA, "train.rounds=4")
     full = tmp_path / "full"
     simulation.run(cfg, RunDir(full), progress=False)
     assert (full / "clients" / "0" / "private" / "adapter_model.safetensors").is_file()
 
-    class Stop(Exception):
-        pass
-
-    def stop(self: observers.KillSwitch, point: str, round_: int) -> None:
-        if self.target == f"{point}:{round_}":
-            raise Stop(self.target)
-
-    monkeypatch.setattr(observers.KillSwitch, "event", stop)
-    monkeypatch.setenv("FEDLORA_TEST_KILL_AT", "metrics:3")
-    cut = tmp_path / "cut"
-    with pytest.raises(Stop):
-        simulation.run(cfg, RunDir(cut), progress=False)
-    monkeypatch.delenv("FEDLORA_TEST_KILL_AT")
-    simulation.run(cfg, RunDir(cut, resume=True), progress=False, resume=True)
+    cut = interrupted_and_resumed(cfg, tmp_path / "cut", monkeypatch, "metrics:3")
     assert_same_run(full, cut)
     local = [p for p in cut.glob("clients/*/private/adapter_model.safetensors")]
     assert len(local) == 2

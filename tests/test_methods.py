@@ -39,12 +39,18 @@ class Recorder(EmbeddedTransport):
         return upload
 
 
-def run_two_rounds(method: str, adapter: str, *extra: str):  # type: ignore[no-untyped-def]
-    exp = build(tiny_config(f"method.name={method}", f"adapter.kind={adapter}", *extra))
+def recorded_rounds(*overrides: str, n: int = 2):  # type: ignore[no-untyped-def]
+    """``n`` evaluated rounds of the tiny config with ``overrides`` through a :class:`Recorder`."""
+    exp = build(tiny_config(*overrides))
     server = make_server(exp)
     transport = Recorder(exp)
-    records = [run_round(server, transport, exp.config, r, exp.split.global_test, evaluate=True) for r in (1, 2)]
+    records = [run_round(server, transport, exp.config, r, exp.split.global_test, evaluate=True)
+               for r in range(1, n + 1)]
     return exp, server, transport, records
+
+
+def run_two_rounds(method: str, adapter: str, *extra: str):  # type: ignore[no-untyped-def]
+    return recorded_rounds(f"method.name={method}", f"adapter.kind={adapter}", *extra)
 
 
 def expected_mean(uploads: Sequence[Upload], key: str, uniform: bool = False) -> torch.Tensor:

@@ -21,9 +21,8 @@ from fedlora.config import load
 from fedlora.errors import ConfigError
 from fedlora.experiment import build
 from fedlora.protocol import nbytes
-from fedlora.runtime.loop import run_round
 from fedlora.runtime.simulation import make_server
-from test_methods import Recorder
+from test_methods import recorded_rounds
 
 
 def layer(n: int = 4, d: int = 12, k: int = 9, ranks: tuple[int, ...] = (3, 3, 3, 3), seed: int = 0,
@@ -135,12 +134,7 @@ def test_lora_fair_lambda_pulls_towards_fedit() -> None:
 # ---- the methods in real rounds --------------------------------------------------------------------------------
 
 def rounds(method: str, *extra: str, n: int = 2):  # type: ignore[no-untyped-def]
-    exp = build(tiny_config(f"method.name={method}", *extra))
-    server = make_server(exp)
-    transport = Recorder(exp)
-    records = [run_round(server, transport, exp.config, r, exp.split.global_test, evaluate=True)
-               for r in range(1, n + 1)]
-    return exp, server, transport, records
+    return recorded_rounds(f"method.name={method}", *extra, n=n)
 
 
 def test_rolora_alternates_b_then_a_and_is_exact() -> None:
