@@ -519,3 +519,21 @@ def test_a_node_whose_file_has_other_labels_is_refused_at_start_up(tmp_path: Pat
     assert list(errors.values()) == ["client 1's data has labels ['bad', 'odd']; the federation's labels are "
                                      "['bad', 'good'] (every node's file must use the same label set)"]
     assert {m["client"] for m in records(tmp_path / "run")[1]["missing"]} == {1}  # from training and evaluation
+
+
+def test_a_node_with_its_own_data_file_holds_out_validation_not_test(tmp_path: Path) -> None:
+    """``data.validation_fraction`` on a node that reads its own file: its evaluation set is part of its training
+    split (as in a partition, data/partition.py stage 5), never an example of its test split."""
+    from fedlora.runtime.flower_app import _build_node
+
+    f = tmp_path / "site.csv"
+    _write_csv(f, ["bad", "good"], 80, 3)
+    cfg = tiny_config("data.num_clients=2", "data.dataset=csv", f"data.path={f}", "data.max_examples=0")
+    _, plain = _build_node(cfg, 1, str(f), "")
+    _, tuned = _build_node(tiny_config("data.num_clients=2", "data.dataset=csv", f"data.path={f}",
+                                       "data.max_examples=0", "data.validation_fraction=0.25"), 1, str(f), "")
+    train, test = plain[1].train, plain[1].test
+    val_train, val = tuned[1].train, tuned[1].test
+    assert len(val) > 0 and len(val_train) > 0
+    assert set(val) | set(val_train) == set(train) and not set(val) & set(val_train)
+    assert not (set(val) | set(val_train)) & set(test)

@@ -58,7 +58,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedlora import config as cfgmod
 from fedlora.client import ClientData, ClientNode
 from fedlora.config import Config
-from fedlora.errors import FedloraError
+from fedlora.errors import DataError, FedloraError
 from fedlora.experiment import Experiment, build
 from fedlora.report import RunDir, save_adapter
 from fedlora.runtime import flower_codec as codec
@@ -284,6 +284,12 @@ def _build_node(config: Config, cid: int, data_file: str, fmt: str) -> tuple[Exp
     labels = np.asarray(exp.dataset.labels)  # type: ignore[union-attr]
     train, test = _train_test(np.arange(len(labels)), labels, config.data.client_test_fraction,
                               stage_rng(config.data.seed, 1000 + cid))
+    if config.data.validation_fraction > 0:  # as a partition does: tuning sees validation data, never the test split
+        if len(train) < 2:
+            raise DataError(f"data.validation_fraction = {config.data.validation_fraction}: {data_file} leaves fewer "
+                            "than 2 training examples to split into train and validation")
+        train, test = _train_test(train, labels, config.data.validation_fraction,
+                                  stage_rng(config.data.seed, 2000 + cid))
     return exp, {cid: ClientData(cid, train, test)}
 
 
