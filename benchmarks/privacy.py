@@ -4,6 +4,7 @@ DP-SGD in seconds per round.
 
     .venv/bin/python benchmarks/privacy.py [--methods fedit ffa] [--eps inf 16 4 1] [--seeds 0 1 2]
                                           [--rounds 5] [--out benchmarks/results/privacy.jsonl] [--cost]
+                                          [--workers 2]
 
 For each (seed, ε, method) one embedded run: ``eps = off`` is the non-private run (no clipping, same Poisson
 sampling is *not* used: fixed-size sampling as without DP), ``inf`` clips with no noise (ε unbounded: what the
@@ -73,12 +74,13 @@ def run_one(sets: list[str]) -> dict[str, Any]:
     from fedlora.runtime.simulation import run
 
     cfg = config.load(None, sets)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     s = run(cfg, progress=False)
     resolved = cfg.resolved()
     return {"acc_global": s.get("acc_global"), "acc_personal_mean": s.get("acc_personal_mean"),
             "epsilon": s.get("epsilon"), "noise_multiplier": resolved.privacy.noise_multiplier
             if resolved.privacy.dp != "off" else None, "wall_seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0,
             "seconds_per_round": s["wall_seconds"] / max(s["rounds"], 1), "rounds": s["rounds"],
             "failed_rounds": s["failed_rounds"]}
 
@@ -328,6 +330,7 @@ def main() -> None:
     ap.add_argument("--secagg-cost", action="store_true",
                     help="seconds per round on the Flower runtime without and with privacy.secure_aggregation")
     ap.add_argument("--repeats", type=int, default=1, help="--secagg-cost: alternating plain/secure pairs")
+    ap.add_argument("--workers", type=int, default=1, help="curves: runs in parallel (processes of 1 thread each)")
     args = ap.parse_args()
     if args.table:
         print(table(args.out))
@@ -355,14 +358,26 @@ def main() -> None:
             for method in args.methods:
                 jobs.append((f"curve/{method}/{eps}/{seed}/{args.rounds}", overrides(method, eps, seed, args.rounds),
                              {"kind": "curve", "method": method, "eps_target": eps, "seed": seed}))
-    for key, sets, info in jobs:
-        if key in have:
-            continue
+    todo = [job for job in jobs if job[0] not in have]
+    for key, sets, _ in todo:
         print(f"[{time.strftime('%H:%M:%S')}] {key}: fedlora run " + " ".join(f"--set {s}" for s in sets), flush=True)
-        result = {"key": key, **info, **run_one(sets), "sets": sets}
-        with args.out.open("a") as f:
+
+    def keep(key: str, sets: list[str], info: dict[str, Any], numbers: dict[str, Any]) -> None:
+        result = {"key": key, **info, **numbers, "sets": sets}
+        with args.out.open("a") as f:  # as soon as it exists: an interrupted grid resumes from here
             f.write(json.dumps(result) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "sets"}), flush=True)
+
+    if args.workers <= 1:
+        for key, sets, info in todo:
+            keep(key, sets, info, run_one(sets))
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(args.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        futures = {pool.submit(run_one, sets): (key, sets, info) for key, sets, info in todo}
+        for done_run in as_completed(futures):
+            keep(*futures[done_run], done_run.result())
 
 
 if __name__ == "__main__":
