@@ -524,7 +524,7 @@ def test_a_node_whose_file_has_other_labels_is_refused_at_start_up(tmp_path: Pat
 def test_a_node_with_its_own_data_file_holds_out_validation_not_test(tmp_path: Path) -> None:
     """``data.validation_fraction`` on a node that reads its own file: its evaluation set is part of its training
     split (as in a partition, data/partition.py stage 5), never an example of its test split."""
-    from fedlora.runtime.flower_node import _build_node
+    from fedlora.runtime.flower_client import _build_node
 
     f = tmp_path / "site.csv"
     _write_csv(f, ["bad", "good"], 80, 3)

@@ -55,7 +55,7 @@ from fedlora.experiment import build
 from fedlora.report import RunDir, save_adapter
 from fedlora.runtime import flower_codec as codec
 from fedlora.runtime import flower_secagg as secagg
-from fedlora.runtime.flower_node import (  # noqa: F401  (STATE, config_from_text: part of this module's interface)
+from fedlora.runtime.flower_client import (  # noqa: F401  (STATE, config_from_text: part of this module's interface)
     STATE, _adapter_dir, _fault_hooks, _federation_of, _persist, _restore, _setup, config_from_text)
 from fedlora.runtime.flower_transport import FlowerTransport, discover
 from fedlora.runtime.loop import run_rounds, summarize

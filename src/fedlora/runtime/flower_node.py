@@ -1,204 +1,164 @@
-"""The node side of the Flower app (:mod:`fedlora.runtime.flower_app`): what a ClientApp process builds once
-(the experiment, :class:`_Setup`), how a node restores its client's state for a message and keeps it after
-(``context.state`` and the node's state folder, :mod:`fedlora.runtime.flower_state`), and where it writes its
-adapter. The node config keys are documented in flower_app's docstring."""
+"""A warm ClientApp executor for a SuperNode started with ``--isolation process``.
+
+Flower 1.41's default (``--isolation subprocess``) starts a new ``flwr-clientapp`` process for every message:
+each message would pay Python start-up, ``import torch``, model loading and tokenization (seconds to tens of
+seconds) before a few seconds of training. This executor takes the place of ``flower-superexec`` next to one
+SuperNode: it acquires each ClientApp task from the SuperNode's Runtime API, as ``flower-superexec`` does,
+and runs fedlora's ClientApp *in this process*, so the experiment built for the first message (model, adapter,
+tokenized partition) serves every later one.
+
+The task protocol is Flower's own (``flwr.supernode.runtime.run_clientapp``: pull the task input, call the
+ClientApp, push the reply and the updated Context); only the process is kept. State that must survive the
+node (the client's adapter, FedSA's B side and head) still lives in ``context.state`` on the SuperNode.
+It serves only fedlora's app: a task of another app gets an error reply.
+
+    flower-supernode --isolation process --port 9094 ... &
+    python -m fedlora.runtime.flower_node --runtime-api-address 127.0.0.1:9094 --insecure
+"""
 
 from __future__ import annotations
 
-import gc
+import argparse
 import os
 import signal
-import tomllib
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+import sys
+import threading
+import time
 from typing import Any
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
-from fedlora import config as cfgmod
-from fedlora.client import ClientData, ClientNode
-from fedlora.config import Config
-from fedlora.errors import DataError, FedloraError
-from fedlora.experiment import Experiment, build
-from fedlora.runtime import flower_codec as codec
-from fedlora.runtime.driver import apply_base_update
-from fedlora.runtime.flower_state import default_state_dir, load_snapshot, needed_round, save_snapshot
-
-STATE, META, BASE = "fedlora.state", "fedlora.meta", "fedlora.base"  # context.state records (node-local)
+APP_ID = "fedlora/fedlora-flower"  # [tool.flwr.app].publisher / [project].name of the packaged app
 
 
-def config_from_text(text: str) -> Config:
-    """The experiment of a run: the ``fedlora-config`` TOML text (empty: the default demo)."""
+def _log(text: str) -> None:
+    print(f"[fedlora-node {os.getpid()}] {text}", file=sys.stderr, flush=True)
+
+
+def _client(address: str, insecure: bool, root_certificates: str | None, component: str, token: str | None) -> Any:
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name=component)]
+    if token is not None:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=insecure, root_certificates=None if insecure else root_certificates,
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker())
+
+
+def _heartbeat(client: Any) -> Any:
+    """Flower's task heartbeat, except that a refused heartbeat (the run was stopped) is logged instead of
+    raising SIGINT in this long-lived process."""
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest  # pylint: disable=E0611
+    from flwr.supercore.heartbeat import HeartbeatSender
+
+    def beat() -> bool:
+        try:
+            if not client.SendTaskHeartbeat(SendTaskHeartbeatRequest()).success:
+                _log("the SuperNode refused a task heartbeat (run stopped?)")
+        except (httpx.TransportError, httpx.HTTPStatusError):
+            return False
+        return True
+
+    return HeartbeatSender(beat)
+
+
+def run_task(address: str, token: str, insecure: bool, root_certificates: str | None) -> None:
+    """Run one ClientApp task in this process (the body of Flower's ``run_clientapp`` without the exit)."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    from fedlora.runtime.flower_app import client_app
+
+    client = _client(address, insecure, root_certificates, "flwr-clientapp", token)
+    beat = _heartbeat(client)
+    beat.start()
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
-        raw = tomllib.loads(text) if text.strip() else {}
-    except tomllib.TOMLDecodeError as e:
-        raise FedloraError(f"run config fedlora-config is not valid TOML: {e}") from None
-    return cfgmod.from_dict(raw)
+        message, context, run, _fab = pull_task_input(client)
+        app_id = f"{run.fab_id}"
+        if app_id != APP_ID:
+            raise RuntimeError(f"this executor serves only the {APP_ID} app, not {app_id!r}")
+        reply = client_app(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as ex:  # noqa: BLE001 - reported to the server as the message's error, like Flower does
+        reason = f"{type(ex)}:<'{ex}'>"
+        _log(f"ClientApp raised: {reason}")
+        details = reason
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+        finally:
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+            beat.stop()
+            client.close()
 
 
-@dataclass
-class _Setup:
-    """What a process builds once and keeps while it lives: the experiment (model, adapter, tokenized data).
+def _watch_parent(pid: int) -> None:
+    """Exit when the SuperNode is gone: this process must never outlive it."""
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                _log(f"SuperNode {pid} is gone; exiting")
+                os._exit(0)
 
-    One process may serve several clients (Flower's simulation runtime runs many ClientApps per worker): with
-    a partition of the configured dataset they all share this experiment, as clients share the one model of
-    the embedded runtime. The base weights follow the client being served: ``owner`` / ``version`` say whose
-    base (at which broadcast version) the model holds; any other client's is restored from its context.state.
-    """
-
-    key: tuple[Any, ...]
-    exp: Experiment
-    data: dict[int, ClientData]  # client id → its data (every partition, or the one file of this node)
-    owner: tuple[int, int] | None = None  # (client, version) whose base weights the model holds
-    originals: dict[str, Any] = field(default_factory=dict)  # W0 of base weights broadcasts changed (FedEx, FLoRA)
-
-    def apply_base(self, update: Any) -> None:
-        params = dict(self.exp.model.named_parameters())
-        for name in update.params():
-            self.originals.setdefault(name, params[name].detach().clone())
-        self.owner = None  # until the message completes and is persisted
-        apply_base_update(self.exp.model, update)
-
-    def load_base(self, client: int, version: int, stored: dict[str, Any]) -> None:
-        """Make the model's base weights those of ``client`` at ``version``: W0, then its changed weights."""
-        if self.owner == (client, version):
-            return
-        params = dict(self.exp.model.named_parameters())
-        for name, value in stored.items():
-            self.originals.setdefault(name, params[name].detach().clone())
-        for name, w0 in self.originals.items():
-            params[name].data.copy_(stored.get(name, w0))
-        self.owner = (client, version)
+    threading.Thread(target=watch, daemon=True).start()
 
 
-_CACHE: dict[str, _Setup] = {}  # one experiment per process (the latest run): models are not small
+def serve(address: str, insecure: bool = True, root_certificates: str | None = None, poll: float = 0.2,
+          parent_pid: int | None = None) -> None:
+    """Acquire and run ClientApp tasks until terminated (SIGTERM / SIGINT) or the parent exits."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    import fedlora.runtime.flower_app  # noqa: F401 - import torch, transformers, fedlora once, before any task
+
+    if parent_pid is not None:
+        _watch_parent(parent_pid)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    acquirer = _client(address, insecure, root_certificates, "SuperExec", None)
+    _log(f"serving ClientApp tasks from the SuperNode at {address}")
+    try:
+        while not stop.is_set():
+            try:
+                res = acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+            except Exception as e:  # noqa: BLE001 - the SuperNode may not be up yet, or restarting
+                _log(f"AcquireTask failed: {e}")
+                stop.wait(1.0)
+                continue
+            if res.HasField("task") and res.token:
+                run_task(address, res.token, insecure, root_certificates)
+            else:
+                stop.wait(poll)  # the SuperNode pulls from the SuperLink every 3 s when idle: that dominates
+    finally:
+        acquirer.close()
 
 
-def _build_node(config: Config, cid: int, data_file: str, fmt: str) -> tuple[Experiment, dict[int, ClientData]]:
-    if not data_file:
-        exp = build(config)
-        if not 0 <= cid < len(exp.clients):
-            raise FedloraError(f"node config partition-id = {cid} is outside 0..{len(exp.clients) - 1}")
-        return exp, {c.client_id: c for c in exp.clients}
-    # A real client: all of its own file is its data, split into its train and test sets as a partition is.
-    from fedlora.data.partition import _train_test, stage_rng
-
-    if not fmt:  # the user-file dataset that reads this file name (fedlora.data.sources)
-        from fedlora.data.sources import source_for_file
-
-        fmt = source_for_file(data_file).name
-    d = replace(config.data, dataset=fmt, path=data_file, num_clients=1, max_examples=0, min_examples_per_client=2)
-    # With per-client ranks the node's one adapter has this client's rank (PEFT's "default" adapter here).
-    a = replace(config.adapter, rank=config.adapter.rank_of(cid))
-    exp = build(replace(config, adapter=a, data=d, train=replace(config.train, clients_per_round=0, min_clients=1)))
-    exp.client_adapters = {cid: "default"}
-    labels = np.asarray(exp.dataset.labels)  # type: ignore[union-attr]
-    train, test = _train_test(np.arange(len(labels)), labels, config.data.client_test_fraction,
-                              stage_rng(config.data.seed, 1000 + cid))
-    if config.data.validation_fraction > 0:  # as a partition does: tuning sees validation data, never the test split
-        if len(train) < 2:
-            raise DataError(f"data.validation_fraction = {config.data.validation_fraction}: {data_file} leaves fewer "
-                            "than 2 training examples to split into train and validation")
-        train, test = _train_test(train, labels, config.data.validation_fraction,
-                                  stage_rng(config.data.seed, 2000 + cid))
-    return exp, {cid: ClientData(cid, train, test)}
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fedlora.runtime.flower_node", description=__doc__.split("\n")[0])
+    p.add_argument("--runtime-api-address", required=True, help="the SuperNode's Runtime API (its --host:--port)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to the SuperNode (same host only)")
+    p.add_argument("--root-certificates", help="CA certificate of the SuperNode's Runtime API (TLS)")
+    p.add_argument("--poll", type=float, default=0.2, help="seconds between task requests when idle")
+    p.add_argument("--parent-pid", type=int, help="exit when this process (the SuperNode) exits")
+    args = p.parse_args(argv)
+    serve(args.runtime_api_address, args.insecure, args.root_certificates, args.poll, args.parent_pid)
 
 
-def _setup(context: Context) -> tuple[_Setup, ClientData]:
-    nc = context.node_config
-    if "partition-id" not in nc:
-        raise FedloraError("this SuperNode has no node config partition-id (the client it is); start it with "
-                           "--node-config 'partition-id=0 num-partitions=N'")
-    cid = int(nc["partition-id"])
-    text = str(context.run_config.get("fedlora-config", ""))
-    data_file = str(nc.get("data-file", "") or "")
-    key = (context.run_id, text, str(nc.get("threads", "")), data_file, cid if data_file else None)
-    cached = _CACHE.get("node")
-    if cached is None or cached.key != key:
-        _CACHE.clear()
-        gc.collect()
-        config = config_from_text(text)
-        if "num-partitions" in nc and int(nc["num-partitions"]) != config.data.num_clients:
-            raise FedloraError(f"node config num-partitions = {nc['num-partitions']} but data.num_clients = "
-                               f"{config.data.num_clients}")
-        if "threads" in nc:
-            config = replace(config, train=replace(config.train, threads=int(nc["threads"])))
-        exp, data = _build_node(config, cid, data_file, str(nc.get("data-format", "") or ""))
-        _CACHE["node"] = cached = _Setup(key, exp, data)
-    if cid not in cached.data:
-        raise FedloraError(f"node config partition-id = {cid} is outside 0..{len(cached.data) - 1}")
-    return cached, cached.data[cid]
-
-
-def _adapter_dir(context: Context, cid: int) -> Path:
-    """Where this node writes its final adapter (node config adapter-dir, else run config adapters-dir/<k>)."""
-    base = str(context.run_config.get("adapters-dir", "") or "")
-    default = Path(base) / str(cid) if base else Path("fedlora-adapters") / f"run-{context.run_id}" / f"client-{cid}"
-    return Path(str(context.node_config.get("adapter-dir", "") or default)).resolve()
-
-
-def _state_dir(context: Context, cid: int) -> Path:
-    """Where this node keeps its client's state after every round (node config state-dir, else next to the
-    adapter folder: :func:`fedlora.runtime.flower_state.default_state_dir`)."""
-    given = str(context.node_config.get("state-dir", "") or "")
-    return Path(given).resolve() if given else default_state_dir(_adapter_dir(context, cid))
-
-
-def _restore(context: Context, message: Message) -> tuple[_Setup, ClientNode]:
-    """This node's ClientNode in the state the message must be served from: ``context.state`` when it is not
-    later than that, else the latest state file on disk that is not (module docstring of flower_state)."""
-    setup, data = _setup(context)
-    header = message.content[codec.HEADER]
-    if int(header["client"]) != data.client_id:
-        raise FedloraError(f"message for client {header['client']} reached the node of client {data.client_id}")
-    kind, round_ = message.metadata.message_type, int(header["round"])
-    _fault_hooks(context, kind, round_)
-    exp = setup.exp
-    node = exp.client_node(data, apply_base=setup.apply_base)
-    limit = needed_round(kind, round_) if kind in ("train", "evaluate") else 1 << 62  # save: the latest
-    have = int(context.state[META].get("round", -1)) if META in context.state else None  # type: ignore[union-attr]
-    stored: dict[str, Any] = {}
-    if STATE in context.state and have is not None and have <= limit:
-        node.state = codec.from_arrays(context.state[STATE])  # type: ignore[arg-type]
-        node.version = int(context.state[META]["version"])  # type: ignore[index]
-        stored = codec.from_arrays(context.state[BASE]) if BASE in context.state else {}  # type: ignore[arg-type]
-    else:  # a restarted SuperNode, a resumed federation, or a message of a round this node has gone past
-        snap = load_snapshot(_state_dir(context, data.client_id), _federation(context), data.client_id, limit)
-        if snap is not None:
-            node.state, node.version, stored = snap.state, snap.version, snap.base
-        setup.owner = None  # whatever the model holds, put this state's base weights in
-    setup.load_base(data.client_id, node.version, stored)
-    return setup, node
-
-
-def _federation(context: Context) -> str:
-    return _federation_of(context.run_config)
-
-
-def _federation_of(run_config: Any) -> str:
-    """The run config's federation-id: the launcher's random id of the run directory (kept across resumes)."""
-    return str(run_config.get("federation-id", "") or "")
-
-
-def _persist(context: Context, setup: _Setup, node: ClientNode, round_: int) -> None:
-    """Keep the node's state for the next message (only after the message succeeded): in ``context.state`` and,
-    atomically, in the node's state folder (what a restarted SuperNode or a resumed federation reloads)."""
-    context.state[STATE] = codec.to_arrays(node.state)
-    context.state[META] = ConfigRecord({"version": node.version, "client": node.data.client_id, "round": round_})
-    base = {}
-    if setup.originals:
-        params = dict(setup.exp.model.named_parameters())
-        base = {n: params[n] for n in sorted(setup.originals)}
-        context.state[BASE] = codec.to_arrays(base)
-    save_snapshot(_state_dir(context, node.data.client_id), _federation(context), node.data.client_id, round_,
-                  node.version, node.state, base)
-    setup.owner = (node.data.client_id, node.version)
-
-
-def _fault_hooks(context: Context, kind: str, round_: int) -> None:
-    here = f"{kind}@{round_}"
-    if here in str(context.node_config.get("kill-at", "")).split(","):
-        os.killpg(os.getpgid(0), signal.SIGKILL)  # the SuperNode dies mid-round, with this process
-    if here in str(context.node_config.get("fail-at", "")).split(","):
-        raise RuntimeError(f"injected failure at {here} (node config fail-at)")
+if __name__ == "__main__":
+    main()
