@@ -368,7 +368,7 @@ def floors(args: argparse.Namespace, blocks: Sequence[Block]) -> dict[tuple[str,
     out = {}
     for dataset in dict.fromkeys(d for b in blocks for d in b.datasets):
         for seed in args.seeds:
-            cfg = config.load(None, [*(QUICK if args.quick else BUDGET), f"data.dataset={DATASETS[dataset]}",
+            cfg = config.load(None, [*budget(dataset, args.quick), f"data.dataset={DATASETS[dataset]}",
                                      f"data.seed={seed}"]).data
             labels = np.asarray(load_dataset(cfg).labels)
             split = split_federated(labels, cfg)
@@ -377,6 +377,22 @@ def floors(args: argparse.Namespace, blocks: Sequence[Block]) -> dict[tuple[str,
             glob = float(np.mean(labels[split.global_test] == np.bincount(labels[pooled]).argmax()))
             out[(dataset, seed)] = cc.Floors(float(np.mean(rates)), glob, rates, tuple(len(c.test) for c in split.clients))
     return out
+
+
+def validation_floor(dataset: str, quick: bool, central: bool = False) -> float:
+    """The majority-class floor of the tuning runs' validation splits (seed TUNE_SEED), mean over clients (``central``:
+    of the centralized runs' one pooled client)."""
+    import numpy as np
+
+    from fedlora import config
+    from fedlora.data import load_dataset, split_federated
+
+    pooled = [s for s in variant_overrides(PRIVATE[-1], quick, 1) if s.startswith("data.")] if central else []
+    cfg = config.load(None, [*budget(dataset, quick), *TUNING, f"data.dataset={DATASETS[dataset]}",
+                             f"data.seed={TUNE_SEED}", *pooled]).data
+    labels = np.asarray(load_dataset(cfg).labels)
+    split = split_federated(labels, cfg)
+    return float(np.mean([np.mean(labels[c.test] == np.bincount(labels[c.train]).argmax()) for c in split.clients]))
 
 
 def similarities(args: argparse.Namespace, out: Path, blocks: Sequence[Block]

@@ -86,10 +86,12 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
     missing = [(c, s) for c, s in expected if s not in c.runs]
     run_seconds, cpu_seconds, n_runs, measured = _run_seconds(out)
     total_runs = sum(len(rp.candidates(b.optimizer, v.adapter, args.quick)) * len(b.datasets)
-                     for b in blocks for v in b.variants if v.tune_as is None) + len(expected)
+                     for b in blocks for v in b.variants if v.tune_as is None) + len(expected) + \
+        sum(len(rp.candidates(o, v.adapter, args.quick)) for _, o, vs in rp.PROBES for v in vs)
     budget = rp.QUICK if args.quick else rp.BUDGET
-    rounds, steps, batch = (rp.QUICK_ROUNDS, rp.QUICK_STEPS, rp.QUICK_BATCH) if args.quick else \
-        (rp.ROUNDS, rp.STEPS, rp.BATCH)
+    rounds, batch = (rp.QUICK_ROUNDS, rp.QUICK_BATCH) if args.quick else (rp.ROUNDS, rp.BATCH)
+    datasets = list(dict.fromkeys(d for b in blocks for d in b.datasets))
+    changes = {d: () if args.quick else rp.DATASET_BUDGET.get(d, ()) for d in datasets}
     lines = ["# Replication of the seed papers' claims (second edition, issue 17)", ""]
     if args.quick:
         lines += ["> **Quick run** (tiny-bert with random weights, a tiny budget): exercises every code path; the "
@@ -118,10 +120,14 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
                  if measured else "") + ".",
               f"- Runs under `{out}` (one directory per run; `fedlora report` reads any of them)."]
     lines += ["", "## Protocol", "",
-              f"- **Budget** of every run: `{' '.join('--set ' + b for b in budget)}`, so each client sees "
-              f"{rounds} rounds × {steps} steps × {batch} examples = {rounds * steps * batch} training examples "
-              "(SGD and AdamW alike, optimizer state fresh each round). Whether the methods learn at this budget is "
-              "measured, not assumed: see *learned* in the tables and the *Learning curves*.",
+              f"- **Budget** of every run: `{' '.join('--set ' + b for b in budget)}`"
+              + "".join(f", on {d} changed by `{' '.join('--set ' + c for c in ch)}`" for d, ch in changes.items() if ch)
+              + ", so each client sees " + "; ".join(
+                  f"on {d} {rounds} rounds × {rp.steps_of(d, args.quick)} steps × {batch} examples = "
+                  f"{rounds * rp.steps_of(d, args.quick) * batch} training examples" for d in datasets)
+              + " (SGD and AdamW alike, optimizer state fresh each round). Whether the methods learn at this budget is "
+              "measured, not assumed: see *learned* in the tables and the *Learning curves*, which begin with the "
+              "curves measured at the base budget that chose the changes.",
               "- **Data**: Dirichlet(0.5) label skew over 3 clients (redrawn until every client holds at least "
               "`data.min_examples_per_client` examples); a stratified global test set held out first; each client keeps "
               "its own test split (sizes per seed under *Majority-class floors*).",
@@ -202,10 +208,39 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
             chosen = _block_cells(block, dataset, cells)
             lines += [f"### {block.title}: {dataset}", "", *cc.cell_table(chosen, floors, args.seeds), ""]
 
-    lines += ["## Learning curves", "",
-              "Measured first, on the validation split: mean validation accuracy over clients (%) at every round of "
-              f"the tuning runs (seed {rp.TUNE_SEED}), each method at its chosen lr. A curve still rising at the last "
-              "round means the budget is short for that method.", ""]
+    lines += ["## Learning curves", ""]
+    probes = [(d, o, vs) for d, o, vs in rp.PROBES if d in datasets]
+    if probes:
+        lines += [f"### At the base budget ({rp.steps_of(probes[0][0], args.quick, base=True)} local steps per round)",
+                  "", "Measured first: every candidate lr of these methods on the validation split (seed "
+                  f"{rp.TUNE_SEED}), mean validation accuracy over clients (%) at every round. *floor*: the validation "
+                  "splits' majority-class floor (each client predicts its training majority; centralized training has "
+                  "one pooled client, hence its own floor), the level a model "
+                  "reaches by learning the label skew alone. Where every curve stays within "
+                  f"{100 * cc.MARGIN:.0f} points of it the base budget does not learn that dataset, and the dataset's "
+                  "budget changes (*Protocol*) were measured in the blocks' own tuning runs below.", ""]
+        for dataset, optimizer, variants in probes:
+            floor = rp.validation_floor(dataset, args.quick)
+            curves = [(v.label, lr, rp.tuning_curve(out, dataset, optimizer, v, lr, probe=True))
+                      for v in variants for lr in rp.candidates(optimizer, v.adapter, args.quick)]
+            rounds_seen = sorted({r for *_, c in curves for r, _ in c})
+            per_round = rp.steps_of(dataset, args.quick, base=True) * batch
+            lines += [f"#### {_title(dataset, optimizer)}, base budget (floor {cc.pct(floor)}; centralized: "
+                      f"{cc.pct(rp.validation_floor(dataset, args.quick, central=True))})", ""]
+            if not rounds_seen:
+                lines += ["Not run yet.", ""]
+                continue
+            best = max((a for label, _, c in curves for _, a in c if label != rp.PRIVATE[-1].label), default=float("nan"))
+            lines += ["| method | lr | " + " | ".join(f"round {r} ({r * per_round} ex.)" for r in rounds_seen) + " |",
+                      "|---|---|" + "---|" * len(rounds_seen)]
+            lines += [f"| {label} | {lr:g} | " + " | ".join(cc.pct(dict(c).get(r)) for r in rounds_seen) + " |"
+                      for label, lr, c in curves]
+            lines += ["", f"Best validation accuracy of any federated or local probe run at any round: {cc.pct(best)}, "
+                          f"{cc.num(100 * (best - floor), 1, '+')} points from the floor.", ""]
+    lines += ["### At the replication's budget", "",
+              "Mean validation accuracy over clients (%) at every round of the tuning runs (seed "
+              f"{rp.TUNE_SEED}), each method at its chosen lr. A curve still rising at the last round means the budget "
+              "is short for that method.", ""]
     for block in blocks:
         if not block.name.startswith("private"):
             continue
@@ -218,7 +253,9 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
             rounds_seen = sorted({r for *_, c in curves for r, _ in c})
             if not rounds_seen:
                 continue
-            lines += [f"### Validation, {_title(dataset, block.optimizer)}", "",
+            steps = rp.steps_of(dataset, args.quick)
+            lines += [f"#### Validation, {_title(dataset, block.optimizer)} (floor "
+                      f"{cc.pct(rp.validation_floor(dataset, args.quick))})", "",
                       "| method | lr | " + " | ".join(f"round {r} ({r * steps * batch} ex.)" for r in rounds_seen) + " |",
                       "|---|---|" + "---|" * len(rounds_seen)]
             lines += [f"| {label} | {lr:g} | " + " | ".join(cc.pct(dict(c).get(r)) for r in rounds_seen) + " |"
@@ -232,13 +269,14 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
         for dataset in block.datasets:
             chosen = _block_cells(block, dataset, cells)
             fl = [floors[(dataset, s)].personal for s in args.seeds if (dataset, s) in floors]
-            lines += [f"### Test, {_title(dataset, block.optimizer)} (floor {cc.pct(statistics.fmean(fl)) if fl else '—'})",
-                      "", *cc.curve_table([c for c in chosen if not c.variant.central], steps * batch), ""]
+            lines += [f"#### Test, {_title(dataset, block.optimizer)} (floor {cc.pct(statistics.fmean(fl)) if fl else '—'})",
+                      "", *cc.curve_table([c for c in chosen if not c.variant.central],
+                                          rp.steps_of(dataset, args.quick) * batch), ""]
 
     lines += ["## Learning-rate tuning (validation split)", "",
               "| dataset | optimizer | method | candidates: final mean validation accuracy (%) | chosen |",
               "|---|---|---|---|---|"]
-    edges = tuned = 0
+    edges = ties = tuned = 0
     for block in blocks:
         for dataset in block.datasets:
             for v in block.variants:
@@ -246,16 +284,22 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
                     continue
                 res = rp.tuning_results(out, dataset, block.optimizer, v, args.quick)
                 lr = rp.chosen_lr(res)
-                edge = lr is not None and len(res) > 1 and lr == max(x for x, _ in res)
+                tie = lr is not None and len(res) > 1 and len({a for _, a in res}) == 1
+                edge = lr is not None and len(res) > 1 and lr == max(x for x, _ in res) and not tie
                 edges += edge
+                ties += tie
                 tuned += lr is not None
+                note = " (largest candidate)" if edge else " (every candidate tied: no signal)" if tie else ""
                 lines.append(f"| {dataset} | {block.optimizer} | {v.label} | "
                              + ", ".join(f"{x:g}: {cc.pct(a)}" for x, a in res)
-                             + f" | {'—' if lr is None else f'{lr:g}'}{' (largest candidate)' if edge else ''} |")
+                             + f" | {'—' if lr is None else f'{lr:g}'}{note} |")
     if edges:
         lines += ["", f"{edges} of the {tuned} chosen learning rates are the largest candidate: a larger one might have "
                       "done better for those methods, so their accuracies are lower bounds of what tuning could reach "
                       "at this budget (the same candidates were given to every method)."]
+    if ties:
+        lines += ["", f"{ties} of the {tuned} tunings had every candidate at the same validation accuracy: the choice "
+                      "(the smallest lr) was not informed by learning."]
 
     lines += ["", "## Majority-class floors and client test splits", "",
               "| dataset | seed | floor per client (%) | mean | global floor | client test sizes |", "|---|---|---|---|---|---|"]

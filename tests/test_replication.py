@@ -120,6 +120,21 @@ def test_learning_rate_choice() -> None:
     assert replication.chosen_lr([(0.1, 0.8), (0.3, None)]) is None  # not every candidate has run
 
 
+def test_a_dataset_budget_changes_only_its_dataset_and_the_probes_keep_the_base() -> None:
+    args = type("Args", (), {"quick": False, "overrides": []})()
+    central = next(v for v in replication.PRIVATE if v.central)
+    fedsa = replication.PRIVATE[0]
+    steps = {}
+    for dataset in ("bbc-news", "rotten-tomatoes"):
+        for base in (False, True):
+            cfg = config.load(None, replication.overrides(args, dataset, "adamw", fedsa, 3e-3, base=base))
+            pooled = config.load(None, replication.overrides(args, dataset, "adamw", central, 3e-3, base=base))
+            assert pooled.train.local_steps == replication.CLIENTS * cfg.train.local_steps  # the same examples seen
+            steps[(dataset, base)] = cfg.train.local_steps
+    assert steps == {("bbc-news", False): 12, ("bbc-news", True): 12, ("rotten-tomatoes", False): 36,
+                     ("rotten-tomatoes", True): 12}
+
+
 # ------------------------------------------------------------------------------------------------- --quick
 
 def test_quick_replication_runs_every_path_and_resumes(tmp_path: Path) -> None:
@@ -140,6 +155,10 @@ def test_quick_replication_runs_every_path_and_resumes(tmp_path: Path) -> None:
     assert any(w in text for w in ("**holds**", "**does not hold**", "**inconclusive**", "**did not learn"))
     tuned = list(out.glob("tune/*/*/*/*/runs/*/config.toml"))
     assert tuned and all("validation_fraction = 0.25" in p.read_text() for p in tuned)
+    probed = list(out.glob("probe/*/*/*/*/runs/*/config.toml"))  # the learning curves at the base budget
+    assert len(probed) == sum(len(vs) for _, _, vs in replication.PROBES)  # one lr per variant in --quick
+    assert all("validation_fraction = 0.25" in p.read_text() for p in probed)
+    assert "### At the base budget" in text and "Not run yet." not in text
 
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
 
