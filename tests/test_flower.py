@@ -35,7 +35,8 @@ from fedlora.report import RunDir
 from fedlora.runtime import flower_codec as codec
 from fedlora.runtime import simulation
 from fedlora.runtime.flower_app import STATE, client_app, run_server
-from fedlora.runtime.flower_launch import run_local
+from fedlora.runtime.flower_launch import RUN_ENV, run_local
+from fedlora.runtime.flower_owner import process_start, watch_owner
 
 BOUND = 600  # seconds per federation: start-up dominates on a loaded 2-core machine
 
@@ -371,16 +372,46 @@ def test_ctrl_c_stops_every_process(tmp_path: Path) -> None:
 
 
 def _processes_naming(text: str) -> list[int]:
-    """Live (non-zombie) processes whose command line contains ``text``."""
+    """Live (non-zombie) processes whose command line contains ``text``, or whose environment names it as their
+    federation's run (RUN_ENV: Flower's own children, e.g. the ServerApp, whose command lines do not name it)."""
     found = []
+    tag = f"{RUN_ENV}={text}".encode()
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            if text in (proc / "cmdline").read_bytes().decode(errors="replace") and \
-                    (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            if text in (proc / "cmdline").read_bytes().decode(errors="replace") or \
+                    tag in (proc / "environ").read_bytes().split(b"\0"):
                 found.append(int(proc.name))
         except (OSError, IndexError):
             continue
     return found
+
+
+def test_the_serverapp_watch_ends_when_its_launcher_is_gone(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        rc = {"launcher-pid": child.pid, "launcher-start": process_start(child.pid)}
+        assert rc["launcher-start"] is not None and process_start(os.getpid()) is not None
+        gone: list[float] = []
+        thread = watch_owner(rc, poll=0.05, on_gone=lambda: gone.append(time.monotonic()))
+        assert thread is not None
+        time.sleep(0.3)
+        assert gone == []  # the launcher still runs
+        child.kill()
+        child.wait()
+        thread.join(10)
+        assert len(gone) == 1 and process_start(child.pid) is None
+    finally:
+        child.kill()
+    # a PID now held by another process than the one recorded (its start time differs) is gone too
+    ended: list[int] = []
+    watch_owner({"launcher-pid": os.getpid(), "launcher-start": "1"}, poll=0.05, on_gone=lambda: ended.append(1))
+    deadline = time.monotonic() + 10
+    while not ended and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ended == [1]
+    assert watch_owner({}) is None and watch_owner({"launcher-pid": 0}) is None  # `flwr run` by hand: not watched
 
 
 def test_a_launcher_killed_after_round_1_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
@@ -395,6 +426,8 @@ def test_a_launcher_killed_after_round_1_resumes_to_the_uninterrupted_result(tmp
                 (run / "checkpoint" / "state.safetensors").is_file() and len(records(run)) >= 2):
             time.sleep(0.5)  # round 1 is recorded and checkpointed
         assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        # Flower's ServerApp (started by the SuperLink's SuperExec) is found by its environment, not its command line
+        assert any(b"flwr-serverapp" in Path(f"/proc/{p}/cmdline").read_bytes() for p in _processes_naming(str(run)))
         proc.kill()  # SIGKILL: no cleanup of any kind in the launcher
         proc.wait(timeout=30)
     finally:
@@ -434,7 +467,8 @@ sys.path.insert(0, {tests!r})
 from conftest import tiny_config
 from fedlora.report import RunDir
 from fedlora.runtime import simulation
-from fedlora.runtime.flower_launch import run_local
+from fedlora.runtime.flower_launch import RUN_ENV, run_local
+from fedlora.runtime.flower_owner import process_start, watch_owner
 cfg = tiny_config("data.num_clients=3", "train.rounds=2", "method.name=fedsa")
 run_local(cfg, RunDir({out!r} + "/ray"), progress=False, timeout=600, simulation=True)
 simulation.run(cfg, RunDir({out!r} + "/embedded"), progress=False)

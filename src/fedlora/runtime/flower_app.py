@@ -15,6 +15,8 @@ Run config (``[tool.flwr.app.config]`` in ``flwrapp/pyproject.toml``; override w
   federation-id    an id for the run directory, the same on resume: nodes file their state under it
   startup-timeout  seconds to wait for the SuperNodes to answer (they build their experiment first)
   poll-interval    seconds between pulls of replies
+  launcher-pid, launcher-start
+                   the ``fedlora`` launcher that started this run (0: none): the ServerApp ends when it is gone
 
 Node config (``flower-supernode --node-config``):
   partition-id     the client this node is (0 .. data.num_clients - 1); required
@@ -57,6 +59,7 @@ from fedlora.runtime import flower_codec as codec
 from fedlora.runtime import flower_secagg as secagg
 from fedlora.runtime.flower_client import (  # noqa: F401  (STATE, config_from_text: part of this module's interface)
     STATE, _adapter_dir, _fault_hooks, _federation_of, _persist, _restore, _setup, config_from_text)
+from fedlora.runtime.flower_owner import watch_owner
 from fedlora.runtime.flower_transport import FlowerTransport, discover
 from fedlora.runtime.loop import run_rounds, summarize
 from fedlora.runtime.observers import standard
@@ -95,6 +98,7 @@ def run_server(grid: Grid, context: Context) -> dict[str, Any]:
     """The ServerApp: build, find the nodes, run the rounds, collect the adapters, write the run directory."""
     start = time.perf_counter()
     rc = context.run_config
+    watch_owner(rc)  # started by `fedlora run --runtime flower`: end with that launcher (flower_owner.py)
     config = config_from_text(str(rc.get("fedlora-config", "")))
     poll = float(rc.get("poll-interval", 0.1))
     startup = float(rc.get("startup-timeout", 300))

@@ -33,11 +33,13 @@ from fedlora.errors import FedloraError
 from fedlora.storage import LOCK_FILE
 from fedlora.report import RunDir
 from fedlora.runtime import flower_security as security
+from fedlora.runtime.flower_owner import owner_config
 
 if TYPE_CHECKING:
     from fedlora.privacy.certs import Credentials
 
 CONNECTION = "fedlora-local"
+RUN_ENV = "FEDLORA_FLOWER_RUN"
 ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
        "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
 
@@ -244,7 +246,8 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
     home = Path(tempfile.mkdtemp(prefix="fedlora-flower-"))
     logs = home / "logs"
     logs.mkdir()
-    env = {**os.environ, **ENV, "FLWR_HOME": str(home),
+    # RUN_ENV names the run in every process of the federation, Flower's own children included (tests find them by it)
+    env = {**os.environ, **ENV, "FLWR_HOME": str(home), RUN_ENV: str(out.path.resolve()),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs = Processes(env, home, logs)
     threads = config.train.threads or max(1, len(os.sched_getaffinity(0)) // n)  # nodes share this machine
@@ -294,7 +297,8 @@ def run_local(config: Config, out: RunDir, *, progress: bool = True, warm: bool 
                     "fedlora-config": cfgmod.dumps(config), "out-dir": str(out_abs), "overwrite": overwrite,
                     "resume": resume, "federation-id": federation,
                     "adapters-dir": str(out_abs / "clients"),
-                    "startup-timeout": startup_timeout, "poll-interval": poll}.items()) + "\n", encoding="utf-8")
+                    "startup-timeout": startup_timeout, "poll-interval": poll, **owner_config()}.items()) + "\n",
+                encoding="utf-8")
             stream = procs.start("serverapp", [_bin("flwr"), "run", str(APP_DIR), CONNECTION, "--run-config",
                                                str(run_config), "--stream"]
                                  + (["--federation-config", f"num-supernodes={n} client-resources-num-cpus=1"]
