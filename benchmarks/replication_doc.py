@@ -244,8 +244,13 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
                       "|---|---|" + "---|" * len(rounds_seen)]
             lines += [f"| {label} | {lr:g} | " + " | ".join(cc.pct(dict(c).get(r)) for r in rounds_seen) + " |"
                       for label, lr, c in curves]
+            pooled = [a for label, _, c in curves if label == rp.PRIVATE[-1].label for _, a in c]
+            central_floor = rp.validation_floor(dataset, args.quick, central=True)
             lines += ["", f"Best validation accuracy of any federated or local probe run at any round: {cc.pct(best)}, "
-                          f"{cc.num(100 * (best - floor), 1, '+')} points from the floor.", ""]
+                          f"{cc.num(100 * (best - floor), 1, '+')} points from the floor"
+                      + (f"; of centralized training: {cc.pct(max(pooled))}, "
+                         f"{cc.num(100 * (max(pooled) - central_floor), 1, '+')} points from its floor"
+                         if pooled else "") + ".", ""]
     lines += ["### At the replication's budget", "",
               "Mean validation accuracy over clients (%) at every round of the tuning runs (seed "
               f"{rp.TUNE_SEED}), each method at its chosen lr. A curve still rising at the last round means the budget "
