@@ -47,10 +47,13 @@ def _why(row: cc.Row) -> str:
     p = row.result
     if row.verdict == "not run":
         return "not run (missing cells below)"
-    if row.verdict.startswith("did not learn"):
-        return f"not {100 * cc.MARGIN:.0f} points above the majority floor: {row.verdict.removeprefix('did not learn ')}"
-    assert p is not None
     scale, digits = cc._scale(row.claim.metric)
+    if row.verdict.startswith("did not learn"):
+        why = f"not {100 * cc.MARGIN:.0f} points above the majority floor: {row.verdict.removeprefix('did not learn ')}"
+        if p is not None and p.n >= 2:  # what the interval would say: shown, never counted as a verdict
+            why += f"; were it judged anyway: {cc.interval(p, scale, digits)}, {cc.verdict(p, row.claim.higher)}"
+        return why
+    assert p is not None
     unit = {"personal": " points", "global": " points", "acc_per_mib": " %/MiB"}.get(row.claim.metric, "")
     if row.verdict == "inconclusive":
         return (f"the interval {cc.interval(p, scale, digits)} contains 0" if p.n >= 2
