@@ -304,6 +304,8 @@ def cell_table(cells: Sequence[CellResult], floors: Mapping[tuple[str, int], Flo
         personal = [r.personal for r in runs if r.personal is not None]
         glob = [r.global_ for r in runs if r.global_ is not None]
         gain = gain_over_floor(c, floors, "personal") if not c.variant.central else None
+        above = None if c.variant.central else paired(  # the gain's 95% interval over seeds (shown, not a verdict)
+            c.values("personal"), {s: f.personal for (d, s), f in floors.items() if d == dataset})
         ok = learned(c, floors, "personal")
         mib = statistics.fmean(r.bytes_total for r in runs) / 2**20 if runs else None
         per = [r.acc_per_mib for r in runs if r.acc_per_mib is not None]
@@ -311,7 +313,9 @@ def cell_table(cells: Sequence[CellResult], floors: Mapping[tuple[str, int], Flo
         wall = statistics.fmean(r.wall for r in runs) if runs else None
         name = f"*{c.variant.label}*" if c.variant.reference else c.variant.label
         out.append(f"| {name} | {'—' if c.lr is None else f'{c.lr:g}'} | {len(runs)} | {pm(personal)} | "
-                   f"{'—' if gain is None else f'{100 * gain:+.1f}'} | {pm(glob)} | "
+                   f"{'—' if gain is None else f'{100 * gain:+.1f}'}"
+                   f"{'' if above is None or math.isnan(above.lo) else f' [{100 * above.lo:+.1f}, {100 * above.hi:+.1f}]'}"
+                   f" | {pm(glob)} | "
                    f"{'—' if ok is None else ('yes' if ok else '**no**')} | "
                    f"{'—' if mib is None else f'{mib:.2f}'} | {pm(per, 100, 2)} | {pm(err, 1.0, None)} | "
                    f"{'—' if wall is None else f'{wall:.0f} s'} |")

@@ -212,7 +212,7 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
 
     lines += ["", "## Tables", "",
               "Mean ± sample std over seeds of the final round. *− floor*: mean over seeds of personalized accuracy "
-              "minus the majority floor of the same seed; *learned*: that gain ≥ "
+              "minus the majority floor of the same seed, with its 95% interval over seeds; *learned*: that gain ≥ "
               f"{100 * cc.MARGIN:.0f} points (centralized: its global accuracy against the global floor); *acc / MiB*: "
               "personalized accuracy (%) per MiB sent.", ""]
     for block in blocks:
