@@ -73,7 +73,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, *overrides: str) -> P
 SAVED_CASES = [("fedit", "lora"), ("ffa", "lora"), ("fedsa", "lora"), ("flora-na", "lora"), ("fedex", "lora"),
                ("flora", "lora"), ("fedex", "rslora"), ("flora", "rslora"), ("fedit", "vera"), ("fedsa", "vera"),
                ("feddpa", "lora"), ("rolora", "lora"), ("fedsvd", "lora"), ("lora-fair", "lora"), ("flexlora", "lora"),
-               ("local-only", "lora")]
+               ("local-only", "lora"), ("fedrot", "lora"), ("fed-sb", "lora-sb")]
 
 
 @pytest.mark.parametrize("method,adapter", SAVED_CASES)

@@ -298,7 +298,8 @@ class ClientNode:
             # Keep the state from before this round: nothing non-finite may enter a client's adapter.
             raise ClientFailure(f"local training diverged (non-finite loss or weights in {bad[:2]})")
         self.state = new
-        meta = {"train_loss": result.loss, "fingerprint": self.fingerprint}
+        # "round": which round the upload answers (FedRot-LoRA's server rule alternates the side it aligns by round)
+        meta = {"train_loss": result.loss, "fingerprint": self.fingerprint, "round": round_}
         # privatize: the identity, or a privacy wrapper's clipping and noise (fedlora.privacy)
         payload = self.method.privatize(self.method.upload(self.state, round_), start, round_, self.data.client_id)
         return Upload(self.data.client_id, payload, result.num_examples, meta), result

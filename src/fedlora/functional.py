@@ -14,11 +14,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fedlora.functional_align import ALIGN_SIDES, core_factors, fed_sb, fedrot, fedrot_align, procrustes_rotation
 from fedlora.functional_checks import Weights, _as_list, _check_tensor, _Layer, _validate, normalize_weights
 from fedlora.linalg import (_COMPUTE_DTYPE, _concat, _fedit_means, _low_rank_factors, _norm, _orthonormal_refactor,
                             _product_norm, _weighted_sum)
 
-__all__ = ["SPLITS", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "fedsvd", "flexlora", "flora_na",
+__all__ = ["ALIGN_SIDES", "SPLITS", "core_factors", "fed_sb", "fedrot", "fedrot_align", "procrustes_rotation", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "fedsvd", "flexlora", "flora_na",
            "flora_na_coefficients", "flora_na_paper", "flora_stack", "lora_fair", "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
 
 SPLITS = ("balanced", "fedit-scale")

@@ -41,6 +41,8 @@ CAPABILITIES: dict[str, str] = {
     "magnitude-free": "an update that is exactly s·B·A, with no per-column magnitude re-normalisation (DoRA's "
                       "magnitude makes ΔW depend on W0 + s·B·A as a whole)",
     "per-client-ranks": "clients with adapters of different ranks",
+    "core-factor": "an r×r trainable core R between fixed factors, ΔW = s·B·(R − I)·A (LoRA-SB)",
+    "core-sharing": "a method that uploads and averages LoRA-SB's r×r core R (its fixed B and A are never sent)",
     "per-example-gradients": "per-example gradients from Opacus (its grad samplers cover nn.Linear: LoRA's A and B, "
                              "heads; not VeRA's scaling vectors or DoRA's magnitude)",
     "generation": "a generation task on a causal language model",
