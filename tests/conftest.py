@@ -10,6 +10,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+# train.dtype = "auto" resolves to float32 in every test, and in every process a test starts, on every machine:
+# with bf16 units "auto" would pick bf16, and a comparison of two runs (or of a run against fixed numbers) must run
+# one dtype on both sides. The bf16 paths are tested with it set to "bfloat16" (tests/test_bf16.py), and the tests
+# of auto's own choice unset it. Read only by fedlora.precision.choose_dtype.
+os.environ["FEDLORA_AUTO_DTYPE"] = "float32"
 
 import pytest
 import torch

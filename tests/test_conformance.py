@@ -92,10 +92,13 @@ def assert_same_run(a: Path, b: Path) -> None:
 @pytest.mark.parametrize("method,adapter", combinations(), ids=lambda x: x)
 def test_every_method_and_adapter_conforms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str,
                                            adapter: str) -> None:
+    check_conformance(tiny_config(*SMALL, f"method.name={method}", f"adapter.kind={adapter}"), tmp_path, monkeypatch)
+
+
+def check_conformance(cfg: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The five checks of this module's docstring for one config (also run in bf16 by tests/test_bf16.py)."""
     from fedlora.experiment import build
     from fedlora.export import evaluate
-
-    cfg = tiny_config(*SMALL, f"method.name={method}", f"adapter.kind={adapter}")
 
     # 1. uploads follow the plan; bytes are what was sent
     exp = build(cfg)

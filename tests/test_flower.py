@@ -414,8 +414,14 @@ def test_the_serverapp_watch_ends_when_its_launcher_is_gone(tmp_path: Path) -> N
     assert watch_owner({}) is None and watch_owner({"launcher-pid": 0}) is None  # `flwr run` by hand: not watched
 
 
-def test_a_launcher_killed_after_round_1_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    cfg = tiny_config("data.num_clients=2", "train.rounds=3", "method.name=fedsa")
+# Both sides leave train.dtype = "auto" (TINY_CLI does not pin it), resolved alike through FEDLORA_AUTO_DTYPE in this
+# process and the launched ones: float32 (the suite's default, tests/conftest.py) and bf16 (the path a machine with
+# bf16 units takes; emulated, and still small, where it has none).
+@pytest.mark.parametrize("auto", ["float32", "bfloat16"])
+def test_a_launcher_killed_after_round_1_resumes_to_the_uninterrupted_result(tmp_path: Path, auto: str,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FEDLORA_AUTO_DTYPE", auto)
+    cfg = tiny_config("data.num_clients=2", "train.rounds=3", "method.name=fedsa", "train.dtype=auto")
     simulation.run(cfg, RunDir(tmp_path / "embedded"), progress=False)
     run = tmp_path / "run"
     proc = fedlora(*TINY_CLI, "--set", "train.rounds=3", "--set", "method.name=fedsa", "--set", "train.batch_size=8",
@@ -446,6 +452,8 @@ def test_a_launcher_killed_after_round_1_resumes_to_the_uninterrupted_result(tmp
     assert resumed.returncode == 0, err.decode()[-3000:]
     a, b = records(tmp_path / "embedded"), records(run)
     assert [r["round"] for r in b] == [0, 1, 2, 3]
+    for side in (tmp_path / "embedded", run):
+        assert cfgmod.load(side / "config.toml").train.dtype == auto
     assert close([{k: v for k, v in r.items() if k != "seconds"} for r in a],
                  [{k: v for k, v in r.items() if k != "seconds"} for r in b])
     for c in ("0", "1"):

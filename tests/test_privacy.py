@@ -41,7 +41,7 @@ pytest.importorskip("opacus")
      r"faults are injected into individual uploads on the server side"),
     (["privacy.dp_sgd=true", "adapter.kind=vera"], r"privacy.dp_sgd = true needs .*adapter.kind = 'vera' does not "
                                                     r"provide"),
-    (["privacy.dp_sgd=true", "train.dtype=bfloat16"], r"privacy.dp_sgd = true needs train.dtype = 'float32'"),
+    (["privacy.dp_sgd=true", "train.dtype=bfloat16"], r"train.dtype = 'bfloat16' does not fit this run: privacy.dp_sgd = true needs float32"),
 ])
 def test_bad_privacy_settings_are_refused_with_the_reason(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -51,12 +51,80 @@ def test_lazy_package_attributes_still_resolve() -> None:
     ("float32", frozenset({"amx_bf16"}), "float32"),  # an explicit choice is kept
     ("bfloat16", frozenset({"avx2"}), "bfloat16"),
 ])
-def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_units(requested: str, flags: frozenset, want: str) -> None:
+def test_auto_dtype_is_bf16_only_where_the_cpu_has_bf16_units(requested: str, flags: frozenset, want: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from fedlora import models
 
+    monkeypatch.delenv("FEDLORA_AUTO_DTYPE")  # the hardware's own answer (tests/conftest.py forces float32)
     assert models.resolve_dtype(requested, torch.device("cpu"), flags) == want
+
+
+BF16_CPU = frozenset({"avx512f", "avx512_bf16"})
+DP_SGD = "privacy.dp_sgd = true needs float32 (per-example gradients and their clipping in bf16 would be too coarse)"
+
+
+@pytest.mark.parametrize("requested,env,flags,needs,want,reason", [
+    ("auto", None, BF16_CPU, [DP_SGD], "float32", "auto chose float32 because " + DP_SGD),  # the run's needs win
+    ("auto", "bfloat16", frozenset(), [DP_SGD], "float32", "auto chose float32 because " + DP_SGD),  # over env too
+    ("auto", "bfloat16", frozenset({"avx2"}), [], "bfloat16", "auto chose bfloat16 because FEDLORA_AUTO_DTYPE=bfloat16"
+                                                              " is set"),
+    ("auto", "float32", BF16_CPU, [], "float32", "auto chose float32 because FEDLORA_AUTO_DTYPE=float32 is set"),
+    ("auto", None, BF16_CPU, [], "bfloat16", "auto chose bfloat16: the device is a CPU with avx512_bf16"),
+    ("auto", None, frozenset({"avx2"}), [], "float32", "auto chose float32: this cpu has no fast bf16 units (bf16 "
+                                                       "would be emulated, slower than float32)"),
+    ("float32", "bfloat16", BF16_CPU, [], "float32", "train.dtype = 'float32' was set explicitly"),
+])
+def test_auto_dtype_fits_the_run_and_says_why(requested: str, env: str | None, flags: frozenset, needs: list[str],
+                                              want: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from fedlora import precision
+
+    # Prepare
+    if env is None:
+        monkeypatch.delenv("FEDLORA_AUTO_DTYPE")
+    else:
+        monkeypatch.setenv("FEDLORA_AUTO_DTYPE", env)
+    # Execute
+    choice = precision.choose_dtype(requested, torch.device("cpu"), needs, flags)
+    # Assert
+    assert (choice.dtype, choice.reason) == (want, reason)
+
+
+def test_a_bad_forced_auto_dtype_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from fedlora import precision
+    from fedlora.errors import ConfigError
+
+    monkeypatch.setenv("FEDLORA_AUTO_DTYPE", "fp16")
+    with pytest.raises(ConfigError, match=r"environment variable FEDLORA_AUTO_DTYPE = 'fp16' is not a compute dtype; "
+                                          r"use 'float32' or 'bfloat16', or unset it"):
+        precision.choose_dtype("auto", torch.device("cpu"))
+
+
+def test_dp_sgd_with_auto_runs_in_float32_where_auto_would_pick_bf16(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: auto's hardware answer is bf16 (as on a CPU with bf16 units); the run asks for DP-SGD and no dtype.
+    import json
+
+    from conftest import tiny_config
+    from fedlora import config
+    from fedlora.report import RunDir
+    from fedlora.runtime import simulation
+
+    monkeypatch.setenv("FEDLORA_AUTO_DTYPE", "bfloat16")
+    cfg = tiny_config("train.rounds=1", "train.dtype=auto", "method.name=ffa", "privacy.dp_sgd=true",
+                      "privacy.noise_multiplier=0.5")
+    # Execute
+    simulation.run(cfg, RunDir(tmp_path / "run"), progress=False)
+    # Assert: float32, and the run says why, in config.toml (a comment above the values) and summary.json.
+    text = (tmp_path / "run" / "config.toml").read_text()
+    assert text.splitlines()[0] == "# train.dtype = 'float32': auto chose float32 because " + DP_SGD
+    assert config.load(tmp_path / "run" / "config.toml").train.dtype == "float32"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dtype"] == "float32" and summary["dtype_reason"] == "auto chose float32 because " + DP_SGD
 
 
 @pytest.mark.parametrize("dtype,want", [("bfloat16", "eager"), ("float32", "sdpa")])

@@ -241,6 +241,17 @@ class Config:
         from fedlora.privacy.checks import check_config  # the privacy rules live with the privacy package
 
         check_config(self)
+        if t.dtype == "bfloat16" and (needs := self.float32_needs()):
+            raise ConfigError(f"train.dtype = 'bfloat16' does not fit this run: {needs[0]}; set train.dtype = "
+                              "'float32' or 'auto' (auto picks float32 for it)")
+
+    def float32_needs(self) -> list[str]:
+        """The features of this run that need float32 compute, one phrase each: ``train.dtype = "auto"``
+        resolves to float32 when there is any (:func:`fedlora.precision.choose_dtype`), and an explicit
+        ``"bfloat16"`` is refused. The one list of such rules: DP-SGD (privacy.checks) today."""
+        from fedlora.privacy.checks import float32_reasons
+
+        return float32_reasons(self)
 
     @property
     def clients_per_round(self) -> int:

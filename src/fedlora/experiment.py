@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel, TaskType
 from torch import nn
 
-from fedlora import adapters, models
+from fedlora import adapters, models, precision
 from fedlora.adapters import AdapterInfo, State
 from fedlora.client import ClientData, ClientNode, LocalTrainer, PrivateAdapter
 from fedlora.config import Config
@@ -49,6 +49,8 @@ class Experiment:
     # initial tensors (keys fedlora.adapters.PRIVATE + saved name), or None and {}.
     private: PrivateAdapter | None = None
     private_init: State | None = None
+    # Why train.dtype is what it is (fedlora.precision.choose_dtype), for config.toml and summary.json.
+    dtype_reason: str = ""
 
     @property
     def base_path(self) -> str | None:
@@ -94,9 +96,11 @@ def build(config: Config) -> Experiment:
     config = config.resolved()
     set_threads(config.train.threads)
     device = pick_device(config.train.device)
-    # train.dtype and train.attention "auto" resolve here, for this device; the run's config.toml records the choice.
-    dtype = models.resolve_dtype(config.train.dtype, device)
-    config = replace(config, train=replace(config.train, dtype=dtype, attention=models.resolve_attention(
+    # train.dtype and train.attention "auto" resolve here, for this device and what the run needs (DP-SGD needs
+    # float32); the run's config.toml records the choice and its reason.
+    choice = precision.choose_dtype(config.train.dtype, device, config.float32_needs())
+    dtype = choice.dtype
+    config = replace(config, train=replace(config.train, dtype=dtype, attention=precision.resolve_attention(
         config.train.attention, device, dtype)))
     method_cls = get_method(config.method.name)  # what fits was decided at config time (registry.check_compatible)
 
@@ -155,7 +159,8 @@ def build(config: Config) -> Experiment:
                       device=device, trainer=trainer,
                       client_adapters={c.client_id: names[config.adapter.rank_of(c.client_id)] for c in clients},
                       init_states=init_states, private=private,
-                      private_init=adapters.read_state(private_slots) if private is not None else None)
+                      private_init=adapters.read_state(private_slots) if private is not None else None,
+                      dtype_reason=choice.reason)
 
 
 def label_histogram(exp: Experiment) -> np.ndarray:

@@ -33,6 +33,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
 
 from fedlora.config import ModelConfig
 from fedlora.errors import ModelError
+from fedlora.precision import (FAST_BF16_CPU_FLAGS, cpu_flags, has_fast_bf16,  # noqa: F401 (re-exported)
+                               resolve_attention, resolve_dtype)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
 
@@ -296,62 +298,6 @@ def load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
 
 
 # ---- compute dtype, storage of frozen weights, attention ----------------------------------------------------
-
-# CPU features that make bf16 matrix products faster than float32: AMX tiles (Intel Sapphire Rapids and later) and
-# the AVX512-BF16 dot-product instructions (Intel Cooper Lake, AMD Zen 4 and later). Without them PyTorch still
-# computes in bf16, by converting to float32 around every product, which is slower than float32 throughout
-# (measured by benchmarks/throughput.py on an AVX2-only AMD EPYC: see the README's Benchmarks).
-FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
-
-
-def cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags: /proc/cpuinfo on Linux, else what PyTorch's own CPU detection reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    found = set()
-    for flag, probe in (("amx_bf16", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
-        check = getattr(torch.cpu, probe, None)  # private helpers of torch.cpu; absent in some versions
-        if check is not None and check():
-            found.add(flag)
-    return frozenset(found)
-
-
-def has_fast_bf16(device: torch.device, flags: frozenset[str] | None = None) -> bool:
-    """Whether bf16 matrix products are faster than float32 on ``device``: a CUDA GPU with native bf16 (Ampere
-    and later; emulated bf16 on older GPUs is not faster), or a CPU with :data:`FAST_BF16_CPU_FLAGS`."""
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-    if device.type == "cpu":
-        return bool(FAST_BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags))
-    return False
-
-
-def resolve_dtype(name: str, device: torch.device, flags: frozenset[str] | None = None) -> str:
-    """``train.dtype``: "auto" becomes "bfloat16" where :func:`has_fast_bf16`, else "float32"."""
-    if name != "auto":
-        return name
-    return "bfloat16" if has_fast_bf16(device, flags) else "float32"
-
-
-def resolve_attention(name: str, device: torch.device, dtype: str) -> str:
-    """``train.attention``: "auto" is the faster implementation for the device and dtype, as measured by
-    benchmarks/throughput.py (one local step of minilm, batch 16 × 64 tokens, forward and backward):
-
-    - CPU, bf16: "eager". PyTorch's SDPA has a slow bf16 backward on CPU: on a 2-core AMX machine it took about
-      half of a 245 ms step, where the eager step takes 100 ms (issue 15).
-    - CPU, float32: "sdpa", the default before issue 15. On the 2-core AVX2 machine (heavily loaded) eager was
-      10-16% faster for minilm (4 of 5 alternating pairs) but sdpa 30% faster for SmolLM2 (118 s vs 169 s per
-      step); switching minilm would also change the default demo's numerics and published figures.
-    - CUDA: "sdpa" (fused attention kernels).
-    """
-    if name != "auto":
-        return name
-    return "eager" if device.type == "cpu" and dtype == "bfloat16" else "sdpa"
-
 
 def set_attention(model: nn.Module, implementation: str) -> None:
     """Switch the attention implementation of a loaded (possibly PEFT-wrapped) transformers model."""

@@ -111,7 +111,9 @@ class RunDir:
                 else:
                     entry.unlink()
         atomic_write(self.path / MARKER_FILE, json.dumps({"fedlora_run": 1, "created": time.time()}) + "\n")
-        atomic_write(self.path / "config.toml", dumps(exp.config))
+        # The resolved config, with why train.dtype is what it is (auto's choice) as a comment above it.
+        note = f"# train.dtype = {exp.config.train.dtype!r}: {exp.dtype_reason}\n" if exp.dtype_reason else ""
+        atomic_write(self.path / "config.toml", note + dumps(exp.config))
         if not self.resume:
             atomic_write(self.path / "metrics.jsonl", "")
 
@@ -146,7 +148,8 @@ class RunDir:
     def finish(self, exp: Experiment, summary: Mapping[str, Any]) -> None:
         full = {"method": exp.config.method.name, "adapter": exp.config.adapter.kind,
                 "model": exp.config.model.name, "dataset": exp.config.data.dataset,
-                "num_clients": len(exp.clients), **summary}
+                "num_clients": len(exp.clients), "dtype": exp.config.train.dtype,
+                "dtype_reason": exp.dtype_reason, **summary}
         atomic_write(self.path / "summary.json", json.dumps(full, indent=2) + "\n")
 
 

@@ -56,9 +56,15 @@ def check_config(config: Config) -> None:
             able = [n for n, k in ADAPTERS.items() if "per-example-gradients" in k.provides]
             raise ConfigError(f"privacy.dp_sgd = true needs {CAPABILITIES['per-example-gradients']}, which "
                               f"adapter.kind = {config.adapter.kind!r} does not provide; use one of: {', '.join(able)}")
-    if p.dp_sgd and config.train.dtype == "bfloat16":
-        raise ConfigError("privacy.dp_sgd = true needs train.dtype = 'float32' (per-example gradients and their "
-                          "clipping in bf16 would be too coarse); set train.dtype = 'float32'")
+
+
+def float32_reasons(config: Config) -> list[str]:
+    """The privacy features of ``config`` that need float32 compute, one phrase each (read by
+    ``Config.float32_needs``: ``train.dtype = "auto"`` then resolves to float32, an explicit bf16 is refused)."""
+    if config.privacy.dp_sgd:
+        return ["privacy.dp_sgd = true needs float32 (per-example gradients and their clipping in bf16 would be "
+                "too coarse)"]
+    return []
 
 
 def client_rate(config: Config) -> float:
