@@ -12,7 +12,8 @@ from it, so the comparison is of final accuracies. The default of ``method.na_sp
 higher mean global accuracy (ties: personalized accuracy).
 
 ``table``: the default demo configuration (``fedlora run`` without a config file: minilm, rotten-tomatoes,
-2,400 examples, 3 clients Dirichlet 0.5, LoRA r=8 on q/v, 8 rounds × 10 local steps) with every registered method:
+2,400 examples, 3 clients Dirichlet 0.5, LoRA r=8 on q/v, 8 rounds × 10 local steps; LoRA-SB for Fed-SB, which
+takes no other kind) with every registered method:
 ``agg_error`` at rounds 1, 4 and 8, the final global and personalized accuracy, MiB up and down, wall time.
 ``ranks``: the same with client ranks [4, 8, 16], for every method that accepts per-client ranks (FLoRA, FlexLoRA,
 FLoRA-NA). Every run is a ``fedlora compare`` grid into ``--out``, so the command is resumable: run it again and
@@ -32,7 +33,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from fedlora import config  # noqa: E402
 from fedlora.compare import compare  # noqa: E402
-from fedlora.registry import METHODS  # noqa: E402
+from fedlora.registry import METHODS, fitting_adapters  # noqa: E402
 from fedlora.results import RunResult, find_runs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -101,10 +102,13 @@ def _head(first: str) -> list[str]:
 
 
 def table(args: argparse.Namespace) -> str:
-    """Every registered method (or --methods) on the default demo configuration, LoRA."""
+    """Every registered method (or --methods) on the default demo configuration, LoRA (a method that does not take
+    LoRA runs with the first adapter kind it fits: Fed-SB with LoRA-SB)."""
     methods = args.methods.split(",") if args.methods else list(METHODS.names())
+    adapters = ["lora"] + sorted({fitting_adapters(METHODS[m])[0] for m in methods
+                                  if "lora" not in fitting_adapters(METHODS[m])})
     where = Path(args.out) / "table"
-    compare(config.load(None, args.overrides), methods, ["lora"], args.seeds, where, progress=not args.quiet)
+    compare(config.load(None, args.overrides), methods, adapters, args.seeds, where, progress=not args.quiet)
     runs = sorted(_runs(where), key=lambda r: (methods.index(r.method) if r.method in methods else len(methods),
                                                r.seed))
     lines = _head("method")

@@ -97,7 +97,11 @@ SHARED = (_v("fedit", "fedit", "FedIT, head shared", tune_as="fedit-private"),
           _v("ffa", "ffa", "FFA-LoRA, head shared", tune_as="ffa-private"),
           _v("feddpa", "feddpa", "FedDPA-LoRA, head shared", tune_as="feddpa-private"))
 GLOBAL = (_v("flora-na", "flora-na", "FLoRA-NA"), _v("fedex", "fedex", "FedEx-LoRA"), _v("flora", "flora", "FLoRA"),
-          _v("flexlora", "flexlora", "FlexLoRA"))
+          _v("flexlora", "flexlora", "FlexLoRA"),
+          # issue 28: the newest global-model methods, each against FedIT, FlexLoRA and FLoRA-NA (CLAIM3_NEW)
+          _v("fedrot", "fedrot", "FedRot-LoRA"), _v("fed-sb", "fed-sb", "Fed-SB (LoRA-SB)", adapter="lora-sb"))
+# Not a seed paper's claim ("new"): whether each beats the global-model baselines under this protocol.
+CLAIM3_NEW = tuple(Claim("new", new, o, "global") for new in ("fedrot", "fed-sb") for o in ("fedit", "flexlora", "flora-na"))
 ADAPTER_VARIANTS = tuple(
     _v(f"{base}-{kind}", method, f"{label} ({kind})", adapter=kind, share_head=share)
     for kind in ("rslora", "vera")
@@ -127,7 +131,7 @@ BLOCKS = (
           ("bbc-news",), "sgd", GLOBAL,
           (Claim("3", "flora-na", "fedit", "agg_error", higher=False),
            Claim("3", "flora-na", "fedit", "agg_error_r1", higher=False))
-          + tuple(Claim("3", "flora-na", o, "global") for o in ("fedit", "fedex", "flora", "flexlora")),
+          + tuple(Claim("3", "flora-na", o, "global") for o in ("fedit", "fedex", "flora", "flexlora")) + CLAIM3_NEW,
           borrow=("fedit", "central")),
     Block("adapters-sgd", "Claim 1 for rsLoRA and VeRA, every head private, SGD", ("bbc-news",), "sgd",
           ADAPTER_VARIANTS,

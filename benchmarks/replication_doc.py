@@ -167,6 +167,8 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
                                  "personalized accuracy?"),
                     ("3", "Claim 3 (FLoRA-NA): aggregation error below FedIT's, global accuracy at least that of "
                           "FedIT, FedEx, FLoRA and FlexLoRA"),
+                    ("new", "Newest methods (issue 28, not a seed paper's claim): FedRot-LoRA's and Fed-SB's global "
+                            "accuracy at least that of FedIT, FlexLoRA and FLoRA-NA"),
                     ("bytes", "Communication: FedSA-LoRA's accuracy per MiB above FedIT's")]
     lines += ["", "## Verdicts", ""]
     for number, title in claim_groups:
@@ -204,7 +206,7 @@ def write(*, rp: Any, args: argparse.Namespace, out: Path, blocks: Sequence[cc.B
     lines += ["", "## Claim 3: FLoRA-NA", "",
               "*aggregation error*: Σ over layers of ‖ideal − delivered‖_F / ‖ideal‖_F (ideal = Σ p_u B_u A_u); "
               "round 1 is the one round where both methods aggregate identical uploads.", ""]
-    lines += cc.claim_table([r for r in rows if r.claim.number == "3"], _title)
+    lines += cc.claim_table([r for r in rows if r.claim.number in ("3", "new")], _title)
     lines += ["", "## Accuracy per byte", "",
               "Personalized accuracy divided by the MiB of every protocol message of the run (up and down; the "
               "evaluation-only syncs are not counted). In the tables below for every method; the judged comparison:", ""]
