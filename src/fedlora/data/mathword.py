@@ -27,7 +27,6 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable
-from typing import Any
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
@@ -375,11 +374,4 @@ def load(cfg: DataConfig) -> InstructionDataset:
             dataset = dataset.subset(stratified_subsample(dataset.labels, cfg.max_examples, cfg.seed))
         return dataset
     return math_word(cfg)
-
-
-def build_task(encoded: Any, tokenizer: Any, logits_to_keep: bool, max_new_tokens: int, config: Any) -> Any:
-    """The math-word generation task: exact match of the final number (GSM8K's convention)."""
-    from fedlora.tasks_gen import GenerationTask
-
-    return GenerationTask(encoded, tokenizer, logits_to_keep, max_new_tokens=max_new_tokens, match=answers_match)
 

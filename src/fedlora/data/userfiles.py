@@ -22,8 +22,8 @@ _INTEGER = re.compile(r"[+-]?\d+")
 # real label in some data sets (e.g. a region).
 MISSING_MARKERS = frozenset({"nan", "<na>", "nat", "null", "none", "n/a"})
 
-# One parsed row: (line number, text, label as written).
-Row = tuple[int, str, str]
+# One parsed row: (line number, text, second text of a pair or "", label as written).
+Row = tuple[int, str, str, str]
 
 
 def _read_text(path: Path) -> str:
@@ -61,7 +61,7 @@ def _clean(path: Path, line: int, column: str, value: Any, what: str) -> str:
     return stripped
 
 
-def _csv_rows(path: Path, text: str, text_column: str, label_column: str) -> Iterator[Row]:
+def _csv_rows(path: Path, text: str, text_column: str, label_column: str, pair_column: str) -> Iterator[Row]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     try:
         columns = reader.fieldnames
@@ -69,14 +69,15 @@ def _csv_rows(path: Path, text: str, text_column: str, label_column: str) -> Ite
         raise DataError(f"data file {str(path)!r} is not valid CSV (line 1: {e})") from None
     if not columns:
         raise DataError(f"data file {str(path)!r} is empty: no header row and no rows")
-    for column in (text_column, label_column):
-        if column not in columns:
+    for column in (text_column, label_column, pair_column):
+        if column and column not in columns:
             raise DataError(f"data file {str(path)!r} has no column {column!r}; its columns are: "
                             f"{', '.join(map(repr, columns))}")
     try:
         for record in reader:
             line = reader.line_num
             yield (line, _clean(path, line, text_column, record.get(text_column), "text"),
+                   _clean(path, line, pair_column, record.get(pair_column), "text") if pair_column else "",
                    _clean(path, line, label_column, record.get(label_column), "label"))
     except csv.Error as e:
         raise DataError(f"data file {str(path)!r} is not valid CSV (line {reader.line_num}: {e})") from None
@@ -100,15 +101,16 @@ def jsonl_records(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str) -> Iterator[Row]:
+def _jsonl_rows(path: Path, text: str, text_column: str, label_column: str, pair_column: str) -> Iterator[Row]:
     records = jsonl_records(path, text)
     keys = sorted({k for _, r in records for k in r})
-    for column in (text_column, label_column):
-        if records and column not in keys:
+    for column in (text_column, label_column, pair_column):
+        if records and column and column not in keys:
             raise DataError(f"data file {str(path)!r} has no column {column!r} in any record; its keys are: "
                             f"{', '.join(map(repr, keys))}")
     for line, record in records:
         yield (line, _clean(path, line, text_column, record.get(text_column), "text"),
+               _clean(path, line, pair_column, record.get(pair_column), "text") if pair_column else "",
                _clean(path, line, label_column, record.get(label_column), "label"))
 
 
@@ -132,25 +134,39 @@ def read_records(path: Path, kind: str) -> tuple[list[tuple[int, dict[str, Any]]
     return records, sorted({k for _, r in records for k in r})
 
 
-def read_labelled_file(path: str | Path, kind: str, text_column: str,
-                       label_column: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
-    """Parse a ``csv`` or ``jsonl`` file into (texts, label ids, label names)."""
-    path = Path(path).expanduser()
-    text = _read_text(path)
-    if kind == "csv":
-        rows = list(_csv_rows(path, text, text_column, label_column))
-    elif kind == "jsonl":
-        rows = list(_jsonl_rows(path, text, text_column, label_column))
-    else:
-        raise DataError(f"unknown file kind {kind!r}; use csv or jsonl")
-    if not rows:
-        raise DataError(f"data file {str(path)!r} has no rows")
-    raw_labels = [label for _, _, label in rows]
+def label_ids(raw_labels: list[str], where: str, column: str) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """(label id of each example, class names) of labels as written: names sorted, numerically when every one is an
+    integer; at least two classes (``where`` and ``column`` name the data in the error)."""
     names = sorted(set(raw_labels))
     if all(_INTEGER.fullmatch(n) for n in names):
         names.sort(key=lambda n: (int(n), n))  # "2" before "10"
     if len(names) < 2:
-        raise DataError(f"data file {str(path)!r} has a single class ({names[0]!r}) in column {label_column!r}; "
-                        "classification needs at least two")
+        raise DataError(f"{where} has a single class ({names[0]!r}) in column {column!r}; classification needs at "
+                        "least two")
     ids = {name: i for i, name in enumerate(names)}
-    return (tuple(t for _, t, _ in rows), tuple(ids[label] for label in raw_labels), tuple(names))
+    return tuple(ids[label] for label in raw_labels), tuple(names)
+
+
+def read_labelled(path: str | Path, kind: str, text_column: str, label_column: str, text_pair_column: str = ""
+                  ) -> tuple[tuple[str, ...], tuple[str, ...] | None, tuple[int, ...], tuple[str, ...]]:
+    """Parse a ``csv`` or ``jsonl`` file into (texts, second texts of the pairs or None, label ids, label names)."""
+    path = Path(path).expanduser()
+    text = _read_text(path)
+    if kind == "csv":
+        rows = list(_csv_rows(path, text, text_column, label_column, text_pair_column))
+    elif kind == "jsonl":
+        rows = list(_jsonl_rows(path, text, text_column, label_column, text_pair_column))
+    else:
+        raise DataError(f"unknown file kind {kind!r}; use csv or jsonl")
+    if not rows:
+        raise DataError(f"data file {str(path)!r} has no rows")
+    ids, names = label_ids([label for _, _, _, label in rows], f"data file {str(path)!r}", label_column)
+    pairs = tuple(p for _, _, p, _ in rows) if text_pair_column else None
+    return tuple(t for _, t, _, _ in rows), pairs, ids, names
+
+
+def read_labelled_file(path: str | Path, kind: str, text_column: str,
+                       label_column: str) -> tuple[tuple[str, ...], tuple[int, ...], tuple[str, ...]]:
+    """Parse a ``csv`` or ``jsonl`` file of single texts into (texts, label ids, label names)."""
+    texts, _, ids, names = read_labelled(path, kind, text_column, label_column)
+    return texts, ids, names

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 CONNECTION = "fedlora-local"
 RUN_ENV = "FEDLORA_FLOWER_RUN"
-ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
+ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+       # HF_HUB_OFFLINE is the user's: a Hub model is resolved as the launcher's environment allows (inherited).
        "TRANSFORMERS_VERBOSITY": "error", "PYTHONUNBUFFERED": "1"}
 
 
