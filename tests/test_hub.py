@@ -24,6 +24,7 @@ from fedlora.report import RunDir
 from fedlora.runtime import simulation
 
 BERT, LLAMA, ODD = "fedlora-test/tiny-bert", "fedlora-test/tiny-llama", "fedlora-test/tiny-distilbert"
+ROBERTA = "fedlora-test/tiny-roberta"
 MAIN = "0123456789abcdef0123456789abcdef01234567"  # the commit refs/main points to
 OLD = "fedcba9876543210fedcba9876543210fedcba98"  # an older commit of tiny-bert, reached by revision only
 
@@ -46,8 +47,9 @@ def _snapshot(hub_dir: Path, repo: str, commit: str, is_main: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A Hugging Face cache holding tiny-bert (two commits), tiny-llama and a DistilBERT config, as HF_HOME."""
-    from transformers import DistilBertConfig
+    """A Hugging Face cache holding tiny-bert (two commits), tiny-llama, a tiny RoBERTa (random weights, MiniLM's
+    tokenizer) and a DistilBERT config, as HF_HOME."""
+    from transformers import DistilBertConfig, RobertaConfig, RobertaForMaskedLM
 
     home = tmp_path_factory.mktemp("hf_home")
     for commit, is_main, seed in ((MAIN, True, 0), (OLD, False, 1)):
@@ -57,6 +59,14 @@ def hf_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     snap = _snapshot(home / "hub", LLAMA, MAIN, True)
     models.load_causal_lm(config.ModelConfig("tiny-llama"), seed=0).save_pretrained(snap)
     models.load_tokenizer(config.ModelConfig("tiny-llama")).save_pretrained(snap)
+    snap = _snapshot(home / "hub", ROBERTA, MAIN, True)
+    tokenizer = models.load_tokenizer(config.ModelConfig("tiny-bert"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        RobertaForMaskedLM(RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64, type_vocab_size=2,
+                                         max_position_embeddings=130)).save_pretrained(snap)
+    tokenizer.save_pretrained(snap)
     # DistilBERT: a model type PEFT has no default target modules for (its config is all resolution reads).
     DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=64).save_pretrained(_snapshot(home / "hub", ODD,
                                                                                               MAIN, True))
@@ -191,3 +201,28 @@ def test_a_causal_lm_by_id_builds_with_its_tokenizer(hf_home: Path) -> None:
     assert type(exp.model.get_base_model()).__name__ == "LlamaForCausalLM"
     assert exp.model.get_base_model().name_or_path == LLAMA
     assert models.load_tokenizer(exp.config.model).name_or_path == LLAMA
+
+
+def test_roberta_by_id_on_sentence_pairs_keeps_its_two_layer_head_private(hf_home: Path, tmp_path: Path) -> None:
+    import datasets
+
+    features = datasets.Features({"premise": datasets.Value("string"), "hypothesis": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["entailment", "neutral", "contradiction"])})
+    rows = {"premise": [f"a man plays guitar {i}" for i in range(60)],
+            "hypothesis": [("a man plays music", "a man is famous", "nobody plays")[i % 3] for i in range(60)],
+            "label": [i % 3 for i in range(60)]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "mnli.parquet"))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+        summary = simulation.run(tiny_config(f"model.name={ROBERTA}", "data.dataset=hf",
+                                             f"data.path={tmp_path / 'mnli.parquet'}", "data.text_column=premise",
+                                             "data.text_pair_column=hypothesis", "train.rounds=1"),
+                                 RunDir(tmp_path / "run"), progress=False)
+    assert summary["acc_global"] is None and 0.0 <= summary["acc_personal_mean"] <= 1.0  # FedSA: personal only
+    saved = json.loads((tmp_path / "run" / "clients" / "0" / "adapter_config.json").read_text())
+    assert (saved["base_model_name_or_path"], sorted(saved["target_modules"])) == (ROBERTA, ["query", "value"])
+    from safetensors.torch import load_file
+
+    head = sorted(k for k in load_file(str(tmp_path / "run" / "clients" / "0" / "adapter_model.safetensors"))
+                  if "classifier" in k)
+    assert head == [f"base_model.model.classifier.{m}.{p}" for m in ("dense", "out_proj") for p in ("bias", "weight")]

@@ -47,7 +47,9 @@ def role(key: str) -> Role:
         if claimed is not None:
             return claimed
     module = key.removesuffix(".weight").removesuffix(".bias").rsplit(".", 1)[-1]
-    if module in HEAD_MODULES:
+    # A head is one linear layer (BERT's classifier, Llama's score) or a module of them (RoBERTa's classifier.dense
+    # and classifier.out_proj): its top-level module is a head module.
+    if module in HEAD_MODULES or key.removeprefix("base_model.model.").split(".", 1)[0] in HEAD_MODULES:
         return "head"
     raise UnclaimedTensor(f"adapter tensor {key!r} is claimed by no adapter kind ({', '.join(ADAPTERS)}) and is not "
                           f"a task head ({', '.join(HEAD_MODULES)})")
