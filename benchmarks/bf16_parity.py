@@ -4,6 +4,9 @@
                                                     [--set section.key=value ...] [--json out.json]
     .venv/bin/python benchmarks/bf16_parity.py batch [--json out.json]
 
+With ``--json``, ``runs`` is resumable: each finished run is appended to ``out.json.parts.jsonl`` and skipped
+when the same command is run again.
+
 ``runs``: the demo configuration (rotten-tomatoes, 2,400 examples, 3 clients Dirichlet 0.5, LoRA r = 8, 8 rounds
 × 10 steps) for each method in float32 and in bf16 (``train.dtype``), seed 0: final global and personalized
 accuracy, their difference against one binomial standard error of the test set, and ``agg_error`` of the
@@ -95,12 +98,27 @@ def one_run(overrides: list[str], dtype: str) -> dict[str, Any]:
 
 def runs(args: argparse.Namespace) -> dict[str, Any]:
     base = [f"model.name={args.model}", f"train.threads={args.threads}", *args.overrides]
+    # Resumable: every finished run is appended to PARTS (beside --json) and not run again by a later invocation
+    # with the same model and overrides.
+    parts = Path(f"{args.json}.parts.jsonl") if args.json else None
+    done: dict[tuple[str, str], dict[str, Any]] = {}
+    if parts is not None and parts.is_file():
+        for line in parts.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["overrides"] == base:
+                done[(entry["method"], entry["dtype"])] = entry["result"]
     rows = []
     for method in args.methods.split(","):
         row: dict[str, Any] = {"method": method}
         for dt in DTYPES:
+            if (method, dt) in done:
+                row[dt] = done[(method, dt)]
+                continue
             row[dt] = one_run([*base, f"method.name={method}"], dt)
             print(f"  {method} {dt}: {json.dumps(row[dt])}", flush=True)
+            if parts is not None:
+                with parts.open("a") as fh:
+                    fh.write(json.dumps({"overrides": base, "method": method, "dtype": dt, "result": row[dt]}) + "\n")
         n = row["float32"]["test_examples"]
         for key in ("acc_global", "acc_personal_mean"):
             a, b = row["float32"][key], row["bfloat16"][key]

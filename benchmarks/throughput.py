@@ -2,6 +2,10 @@
 
     .venv/bin/python benchmarks/throughput.py [--models minilm,smollm2] [--repeats 3] [--steps 5] [--threads 2]
                                               [--json out.json]
+    .venv/bin/python benchmarks/throughput.py --quick     # under a minute: minilm, 2 repeats of 2 steps
+
+``--quick`` times the demo model only, with fewer steps, repeats and evaluated examples and a shorter matmul peak
+probe; it prints the same last JSON line (its figures are noisier: for the README use the full run).
 
 For each model, one experiment per dtype is built (``train.dtype``: float32, or bfloat16 with the frozen base
 weights stored in bf16 and adapters, head and optimizer state in float32) on the demo's data and shapes (minilm:
@@ -9,9 +13,11 @@ rotten-tomatoes, LoRA r = 8 on query/value, batch 16 × 64 tokens, AdamW; smollm
 r = 8 on q_proj/v_proj, batch 8). Then, repeat after repeat, every configuration runs in turn, so that noise
 from other processes on the machine hits all of them alike; each figure is the median over the repeats:
 
-- ``step_s``: seconds per local step (``LocalTrainer.train`` of one client: forward, backward, clipping, AdamW),
+- ``step_s``: wall seconds per local step (``LocalTrainer.train`` of one client: forward, backward, clipping, AdamW),
   for each dtype with each attention implementation (eager, sdpa); ``f32_step_s`` / ``bf16_step_s`` use the one
-  ``train.attention = "auto"`` picks (models.resolve_attention), ``best`` the faster of the two.
+  ``train.attention = "auto"`` picks (models.resolve_attention), ``best`` the faster of the two. ``cpu_step_s``:
+  this process's CPU seconds per step, the steadier figure on a shared machine with ``--threads 1`` (with more
+  threads it also counts the time threads spin while waiting for each other).
 - achieved FLOP/s: the FLOPs of one step counted by ``torch.utils.flop_counter`` (every matmul and attention
   product, forward and backward) ÷ ``step_s``, and its fraction of the matmul peak measured here for that dtype
   (2048 × 2048 products, best of several).
@@ -48,6 +54,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION = ("eager", "sdpa")
 MODELS = {  # the demo's shapes; smollm2 with the generation defaults of docs/generation.md, batch 8
     "minilm": [],
+    "tiny-bert": ["model.name=tiny-bert", "data.max_examples=240", "train.max_length=24"],  # the tests' check
     "smollm2": ["model.name=smollm2", "data.dataset=rotten-tomatoes-gen", "data.max_examples=400",
                 "train.batch_size=8"],
 }
@@ -94,15 +101,16 @@ def step_flops(exp: Experiment) -> int:
     return int(counter.get_total_flops())
 
 
-def time_steps(exp: Experiment, round_: int, steps: int) -> float:
-    """Seconds per local step of client 0 (``steps`` steps from the initial state)."""
+def time_steps(exp: Experiment, round_: int, steps: int) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) per local step of client 0 (``steps`` steps from the initial
+    state)."""
     trainer = exp.trainer
     full = trainer.cfg
     trainer.cfg = replace(full, local_steps=steps)
     try:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         result = trainer.train(exp.init_state, exp.clients[0], round_)
-        return (time.perf_counter() - t) / result.steps
+        return (time.perf_counter() - t) / result.steps, (time.process_time() - c) / result.steps
     finally:
         trainer.cfg = full
 
@@ -131,8 +139,8 @@ def time_eval_before(exp: Experiment, idx: np.ndarray) -> float:
 
 def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float], slow_bf16: bool) -> dict[str, Any]:
     overrides = [*MODELS[name], f"train.threads={args.threads}"]
-    # Where bf16 is emulated, only the demo model is timed in bf16 (a SmolLM2 step would take many minutes).
-    dtypes = ("float32",) if slow_bf16 and name != "minilm" else DTYPES
+    # Where bf16 is emulated, only the encoders are timed in bf16 (a SmolLM2 step would take many minutes).
+    dtypes = ("float32",) if slow_bf16 and name == "smollm2" else DTYPES
     exps = {dt: build(config.load(None, [*overrides, f"train.dtype={dt}"])) for dt in dtypes}
     device = exps["float32"].device
     auto = {dt: models.resolve_attention("auto", device, dt) for dt in dtypes}
@@ -149,6 +157,7 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float], sl
     models.set_attention(exps["float32"].model, "eager")
     flops = dict.fromkeys(DTYPES, step_flops(exps["float32"]))
     steps: dict[str, list[float]] = {f"{dt}/{att}": [] for dt in dtypes for att in attentions[dt]}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     evals: dict[str, list[float]] = {dt: [] for dt in dtypes}
     evals_before: list[float] = []
     for rep in range(args.repeats):
@@ -157,26 +166,32 @@ def bench_model(name: str, args: argparse.Namespace, peaks: dict[str, float], sl
                 continue
             for att in attentions[dt]:
                 models.set_attention(exp.model, att)
-                steps[f"{dt}/{att}"].append(time_steps(exp, rep + 1, n_steps[dt]))
+                wall, cpu_s = time_steps(exp, rep + 1, n_steps[dt])
+                steps[f"{dt}/{att}"].append(wall)
+                cpu[f"{dt}/{att}"].append(cpu_s)
             models.set_attention(exp.model, auto[dt])
             evals[dt].append(time_eval(exp, eval_idx[dt]))
             if dt == "float32" and not causal:
                 evals_before.append(time_eval_before(exp, eval_idx[dt]))
         print(f"  {name} repeat {rep + 1}: " + "  ".join(f"{k} {v[-1]:.3f} s" for k, v in steps.items()), flush=True)
     step_s = {k: statistics.median(v) for k, v in steps.items()}
+    cpu_step_s = {k: statistics.median(v) for k, v in cpu.items()}
     out: dict[str, Any] = {"model": name, "step_s": step_s, "auto_attention": auto,
-                           "step_samples": steps, "flops_per_step": flops,
+                           "step_samples": steps, "cpu_step_s": cpu_step_s, "cpu_step_samples": cpu,
+                           "flops_per_step": flops,
                            "eval_per_s": {dt: statistics.median(v) for dt, v in evals.items()},
                            "eval_examples": {dt: int(len(v)) for dt, v in eval_idx.items()}, "steps_timed": n_steps}
     for dt in dtypes:
         chosen = step_s[f"{dt}/{auto[dt]}"]
         out[f"{dt}_step_s"] = chosen
+        out[f"{dt}_cpu_step_s"] = cpu_step_s[f"{dt}/{auto[dt]}"]
         out[f"{dt}_best_step_s"] = min(step_s[f"{dt}/{att}"] for att in attentions[dt])
         out[f"{dt}_flop_s"] = flops[dt] / chosen
         out[f"{dt}_of_peak"] = flops[dt] / chosen / peaks[dt]
     if "bfloat16" in exps:
         out["bf16_over_f32"] = out["bfloat16_step_s"] / out["float32_step_s"]
         out["bf16_over_f32_best"] = out["bfloat16_best_step_s"] / out["float32_best_step_s"]
+        out["cpu_bf16_over_f32"] = out["bfloat16_cpu_step_s"] / out["float32_cpu_step_s"]
     if evals_before:
         out["eval_per_s_before"] = statistics.median(evals_before)
         out["demo_round_eval_share"] = eval_share(exps, out)
@@ -200,7 +215,8 @@ def eval_share(exps: dict[str, Experiment], fig: dict[str, Any]) -> dict[str, fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="minilm,smollm2", help="comma-separated, from: " + ", ".join(MODELS))
+    ap.add_argument("--models", help="comma-separated, from: " + ", ".join(MODELS) + " (default: minilm,smollm2; "
+                                     "with --quick: minilm)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=5, help="local steps timed per configuration and repeat")
     ap.add_argument("--gen-eval", type=int, default=8, help="examples evaluated for a causal LM (greedy generation)")
@@ -208,13 +224,18 @@ def main() -> None:
     ap.add_argument("--slow-eval", type=int, default=16, help="examples evaluated in bf16 where bf16 is emulated")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--quick", action="store_true", help="under a minute: the demo model only, 2 repeats of 2 steps, "
+                                                         "64 evaluated examples, a 0.5 s matmul probe")
     args = ap.parse_args()
+    if args.quick:
+        args.models, args.repeats, args.steps, args.eval_examples = args.models or "minilm", 2, 2, 64
+    args.models = args.models or "minilm,smollm2"
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {device}; fast bf16 here: {models.has_fast_bf16(device)} (train.dtype auto = "
           f"{models.resolve_dtype('auto', device)}); torch threads {args.threads}; load average {load[0]:.1f}")
-    measured = {dt: matmul_peak(TORCH_DTYPE[dt]) for dt in DTYPES}
+    measured = {dt: matmul_peak(TORCH_DTYPE[dt], seconds=0.5 if args.quick else 2.0) for dt in DTYPES}
     peaks = {dt: v[0] for dt, v in measured.items()}
     print("matmul peak: " + ", ".join(f"{dt} {v / 1e9:.1f} GFLOP/s ({n}²)" for dt, (v, n) in measured.items()),
           flush=True)
@@ -232,7 +253,7 @@ def main() -> None:
                   f"{dt} matmul peak; evaluation {r['eval_per_s'][dt]:.1f} examples/s")
         if "bf16_over_f32" in r:
             print(f"  bf16 ÷ float32 step: {r['bf16_over_f32']:.2f} (best attention each: {r['bf16_over_f32_best']:.2f}; "
-                  "target <= 0.4 where bf16 units exist)")
+                  f"CPU seconds: {r['cpu_bf16_over_f32']:.2f}; target <= 0.4 where bf16 units exist)")
         if "demo_round_eval_share" in r:
             s = r["demo_round_eval_share"]
             print(f"  evaluation before: {r['eval_per_s_before']:.1f} examples/s; share of a demo round "
@@ -244,7 +265,8 @@ def main() -> None:
                "load_average_start": load[0], "load_average_end": os.getloadavg()[0],
                "matmul_peak_flop_s": peaks, "models": results,
                "f32_step_s": demo.get("float32_step_s"), "bf16_step_s": demo.get("bfloat16_step_s"),
-               "bf16_over_f32": demo.get("bf16_over_f32")}
+               "bf16_over_f32": demo.get("bf16_over_f32"), "cpu_bf16_over_f32": demo.get("cpu_bf16_over_f32"),
+               "quick": args.quick}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=2)

@@ -231,3 +231,20 @@ def test_evaluation_sorts_by_length_and_returns_predictions_in_the_given_order()
     assert (again == batched[shuffled]).all() and loss_again == pytest.approx(loss, rel=1e-5)
     with torch.inference_mode():
         assert exp.trainer.evaluate(exp.init_state, idx)["n"] == len(idx)
+
+
+def test_the_quick_throughput_benchmark_prints_the_figures_of_the_full_one() -> None:
+    # Prepare: the tiny model, so that the check stays short (the README's --quick times the demo model).
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+    # Execute
+    out = subprocess.run([sys.executable, str(script), "--quick", "--models", "tiny-bert", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    # Assert: the last line is the summary, with a measured step time in each dtype and their ratio.
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["quick"] is True and summary["threads"] == 1
+    assert summary["f32_step_s"] > 0 and summary["bf16_step_s"] > 0 and summary["cpu_bf16_over_f32"] > 0
+    assert summary["bf16_over_f32"] == summary["bf16_step_s"] / summary["f32_step_s"]
+    assert summary["models"][0]["model"] == "tiny-bert"
+    assert set(summary["matmul_peak_flop_s"]) == {"float32", "bfloat16"}
