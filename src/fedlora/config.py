@@ -106,8 +106,9 @@ class TrainConfig(_Section):
                                "longest reference + 4; math-word 256, python-functions 384)", ge=0, le=MAX_TOKENS)
     seed: int = _opt(0, "seed of client sampling, batches and dropout")
     device: str = _opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "compute dtype (auto: bf16 where the device has fast bf16 units, else float32; "
-                              "resolved in the run's config.toml)", choices=("auto", "float32", "bfloat16"))
+    dtype: str = _opt("auto", "compute dtype (auto: bf16 where the device has fast bf16 units and no feature of the "
+                              "run needs float32 (privacy.dp_sgd), else float32; resolved, with the reason, in the "
+                              "run's config.toml)", choices=("auto", "float32", "bfloat16"))
     attention: str = _opt("auto", "attention implementation (auto: the faster one for the device and dtype, "
                                   "measured by benchmarks/throughput.py)", choices=("auto", "eager", "sdpa"))
     threads: int = _opt(0, "torch CPU threads (0: one per available core)", ge=0, le=MAX_THREADS)
