@@ -1,4 +1,5 @@
-"""Bundled and local models and their tokenizers.
+"""Bundled, local and Hugging Face Hub models (:mod:`fedlora.hub` says which one `model.name` means) and their
+tokenizers.
 
 Encoder weights are read from disk once per process (cached) and deep-copied for each experiment, because PEFT
 wraps the model it is given in place; causal LMs are read afresh for each experiment (see :func:`load_causal_lm`). Every random initialisation (a new classification head, a random tiny model)
