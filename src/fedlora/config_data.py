@@ -59,6 +59,9 @@ class DataConfig(_Section):
     response_column: str = _opt("", "generation from csv/jsonl/hf: column with the response (unset: output or "
                                 "response)")
     partition: str = _opt("dirichlet", "how examples are spread over clients", choices=PARTITIONS)
+    partitioner: str = _opt("fedlora", "whose algorithm draws the partition: fedlora's, or Flower Datasets' "
+                            "partitioner of the same name, for the split a Flower baseline uses "
+                            "(fedlora.data.flower_partition)", choices=("fedlora", "flower"))
     alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
     classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
     num_clients: int = _opt(3, "number of clients", ge=1, le=MAX_COUNT)

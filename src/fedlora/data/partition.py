@@ -227,7 +227,11 @@ def split_federated(labels: np.ndarray, cfg: DataConfig, held_out: np.ndarray | 
         )
 
     rng = stage_rng(cfg.seed, _PARTITION)
-    if cfg.partition == "iid":
+    if cfg.partitioner == "flower":  # Flower Datasets' own partitioners, for splits a Flower baseline shares
+        from fedlora.data.flower_partition import flower_parts
+
+        parts = flower_parts(pool, labels, cfg)
+    elif cfg.partition == "iid":
         parts = iid(pool, cfg.num_clients, rng)
     elif cfg.partition == "dirichlet":
         parts = dirichlet(pool, labels, cfg.num_clients, cfg.alpha, cfg.min_examples_per_client, rng)
