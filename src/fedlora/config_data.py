@@ -16,7 +16,7 @@ TASKS = ("auto", "classification", "generation")
 # How answers are scored: classification by accuracy (and macro-F1); generation by exact match, GSM8K's final
 # number, or HumanEval pass@1 (python-functions). "auto": the dataset plugin's metric (DatasetSource.metric).
 METRICS = ("auto", "accuracy", "exact-match", "final-number", "humaneval")
-PARTITIONS = ("iid", "dirichlet", "pathological")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural-id")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class DataConfig(_Section):
     partitioner: str = _opt("fedlora", "whose algorithm draws the partition: fedlora's, or Flower Datasets' "
                             "partitioner of the same name, for the split a Flower baseline uses "
                             "(fedlora.data.flower_partition)", choices=("fedlora", "flower"))
+    partition_column: str = _opt("", "natural-id partition: the column naming each example's owner (a user, a "
+                                 "hospital); one client per value, in sorted order (hf)")
     alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
     classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
     num_clients: int = _opt(3, "number of clients", ge=1, le=MAX_COUNT)
@@ -97,6 +99,13 @@ class DataConfig(_Section):
                     readers = [n for n, s in registry.DATASETS.items() if s.splits]
                     raise ConfigError(f"data.{key} = {shown!r} applies to the datasets read by the datasets library "
                                       f"(data.dataset = {', '.join(readers)}) only; unset it")
+        if (self.partition == "natural-id") != bool(self.partition_column):
+            raise ConfigError(f"data.partition = {self.partition!r} and data.partition_column = "
+                              f"{self.partition_column!r}: the natural-id partition needs the column of each "
+                              "example's owner, and only it reads one")
+        if self.partition_column and not source.splits:
+            raise ConfigError(f"data.partition_column = {self.partition_column!r} is read from datasets of the "
+                              f"datasets library only, not data.dataset = {self.dataset!r}")
         if not self.splits or not all(self.splits):
             raise ConfigError(f"data.splits = {list(self.splits)!r}: name at least one split, e.g. [\"train\"]")
         if self.test_split in self.splits:

@@ -121,7 +121,8 @@ def build(config: Config) -> Experiment:
         base = models.load_classifier(config.model, num_labels, seed=config.adapter.seed)
         task_type = TaskType.SEQ_CLS
     check_max_length(base, config)
-    split = split_federated(dataset.labels, config.data, held_out=getattr(dataset, "held_out", None))
+    split = split_federated(dataset.labels, config.data, held_out=getattr(dataset, "held_out", None),
+                            groups=getattr(dataset, "groups", None))
     clients = [ClientData(c.client_id, c.train, c.test) for c in split.clients]
 
     model = adapters.attach(base, config.adapter, task_type)

@@ -61,9 +61,13 @@ class TextDataset:
     # Indices of a test set the dataset fixes itself (a Hub dataset's test split, data.test_split): split_federated
     # uses them as the global test set. None: drawn there.
     held_out: np.ndarray | None = None
+    # Each example's owner (data.partition_column) for data.partition = "natural-id": one client per value.
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         check_labels(self.name, self.labels, self.label_names, len(self.texts), "texts")
+        if self.groups is not None and len(self.groups) != len(self.texts):
+            raise DataError(f"dataset {self.name!r} has {len(self.texts)} texts but {len(self.groups)} owners")
         if self.text_pairs is not None and len(self.text_pairs) != len(self.texts):
             raise DataError(f"dataset {self.name!r} has {len(self.texts)} texts but {len(self.text_pairs)} pairs")
 
@@ -80,8 +84,9 @@ class TextDataset:
         idx = np.asarray(idx, dtype=np.int64)
         pairs = None if self.text_pairs is None else tuple(self.text_pairs[i] for i in idx)
         held = None if self.held_out is None else np.flatnonzero(np.isin(idx, self.held_out)).astype(np.int64)
+        groups = None if self.groups is None else self.groups[idx].copy()
         return TextDataset(self.name, tuple(self.texts[i] for i in idx), self.labels[idx].copy(), self.label_names,
-                           pairs, held)
+                           pairs, held, groups)
 
 
 def _bundled_path(package: str, inner: str, install: str) -> Path:

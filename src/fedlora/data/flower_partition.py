@@ -13,6 +13,8 @@ dirichlet      ``DirichletPartitioner(num_partitions, partition_by="label", alph
                minimum, at most 10 times)
 pathological   ``PathologicalPartitioner(num_partitions, partition_by="label",
                num_classes_per_partition=data.classes_per_client, seed=S)``
+natural-id     ``NaturalIdPartitioner(partition_by=data.partition_column)`` (fedlora's own gives the same:
+               one client per owner, in sorted order)
 =============  ==========================================================================================
 
 With ``data.dataset = "hf"``, ``data.test_split`` set and ``data.max_examples = 0`` the pool is the whole of
@@ -36,9 +38,12 @@ _INSTALL = "pip install --no-deps flwr-datasets==0.6.1 seaborn==0.13.2 (the Make
 
 def _partitioner(cfg: DataConfig) -> Any:
     try:
-        from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+        from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
+                                               PathologicalPartitioner)
     except ImportError:
         raise DataError(f"data.partitioner = 'flower' needs the package flwr-datasets: {_INSTALL}") from None
+    if cfg.partition == "natural-id":
+        return NaturalIdPartitioner(partition_by="owner")
     if cfg.partition == "iid":
         return IidPartitioner(num_partitions=cfg.num_clients)
     if cfg.partition == "dirichlet":
@@ -51,15 +56,22 @@ def _partitioner(cfg: DataConfig) -> Any:
                     "pathological")
 
 
-def flower_parts(pool: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> list[np.ndarray]:
+def flower_parts(pool: np.ndarray, labels: np.ndarray, cfg: DataConfig,
+                 groups: np.ndarray | None = None) -> list[np.ndarray]:
     """Each client's examples (sorted indices into ``labels``, drawn from ``pool``) by Flower's partitioner of
     ``data.partition`` on the pool shuffled as ``FederatedDataset`` shuffles a split (module docstring)."""
     import datasets
 
     partitioner = _partitioner(cfg)
-    table = datasets.Dataset.from_dict({"label": labels[pool].tolist(), "fedlora_index": pool.tolist()})
-    partitioner.dataset = table.shuffle(seed=cfg.seed)
+    columns = {"label": labels[pool].tolist(), "fedlora_index": pool.tolist()}
+    if groups is not None:
+        columns["owner"] = np.asarray(groups)[pool].tolist()
+    partitioner.dataset = datasets.Dataset.from_dict(columns).shuffle(seed=cfg.seed)
     try:
+        if cfg.partition == "natural-id" and partitioner.num_partitions != cfg.num_clients:
+            raise DataError(f"data.partition = 'natural-id': Flower's partitioner finds {partitioner.num_partitions} "
+                            f"owners (data.partition_column = {cfg.partition_column!r}), but data.num_clients = "
+                            f"{cfg.num_clients}; set data.num_clients = {partitioner.num_partitions}")
         parts = [np.asarray(partitioner.load_partition(k)["fedlora_index"], dtype=np.int64)
                  for k in range(cfg.num_clients)]
     except ValueError as e:  # Flower's refusals: a minimum not met after its redraws, too few classes, ...

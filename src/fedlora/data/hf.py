@@ -149,6 +149,24 @@ def load_hf(cfg: DataConfig) -> TextDataset | InstructionDataset:
     return _labelled(cfg, parts, test is not None, where)
 
 
+def _owners(cfg: DataConfig, parts: list[tuple[str, Any]], keep: list[np.ndarray], where: str) -> np.ndarray | None:
+    """Each kept example's owner (``data.partition_column``) for the natural-id partition, else None."""
+    if not cfg.partition_column:
+        return None
+    values: list[Any] = []
+    for (split, ds), rows in zip(parts, keep):
+        _check_columns(ds, split, [cfg.partition_column], where)
+        column = ds.select(rows)[cfg.partition_column] if len(rows) else []
+        for row, value in zip(rows, column):
+            if value is None or isinstance(value, (float, bool)) or (isinstance(value, str) and not value.strip()):
+                raise DataError(f"{where}, split {split!r}, row {int(row)}: the owner in column "
+                                f"{cfg.partition_column!r} must be a non-empty string or an integer, got {value!r}")
+        values += list(column)
+    if len({type(v) for v in values}) > 1:
+        raise DataError(f"{where}: column {cfg.partition_column!r} mixes strings and integers")
+    return np.asarray(values)
+
+
 def _subsample(cfg: DataConfig, labels: list[np.ndarray], has_test: bool) -> list[np.ndarray]:
     """Row indices kept of each part (the pooled splits, then the test split): stratified by label."""
     pooled = np.concatenate(labels[: len(labels) - int(has_test)]) if labels else np.zeros(0, dtype=np.int64)
@@ -189,7 +207,7 @@ def _labelled(cfg: DataConfig, parts: list[tuple[str, Any]], has_test: bool, whe
     n_test = len(keep[-1]) if has_test else 0
     held = np.arange(len(labels) - n_test, len(labels), dtype=np.int64) if has_test else None
     return TextDataset(_name(cfg), tuple(texts), labels, tuple(names),
-                       tuple(pairs) if cfg.text_pair_column else None, held)
+                       tuple(pairs) if cfg.text_pair_column else None, held, _owners(cfg, parts, keep, where))
 
 
 def _layout(cfg: DataConfig, columns: list[str], split: str, where: str) -> tuple[str, str | None, str]:
@@ -229,7 +247,8 @@ def _instructions(cfg: DataConfig, parts: list[tuple[str, Any]], has_test: bool,
     n_test = len(keep[-1]) if has_test else 0
     return InstructionDataset(_name(cfg), tuple(rows[i][0] for i in idx), tuple(rows[i][1] for i in idx),
                               tuple(rows[i][2] for i in idx), labels[idx].copy(), names,
-                              np.arange(len(idx) - n_test, len(idx), dtype=np.int64) if has_test else None)
+                              np.arange(len(idx) - n_test, len(idx), dtype=np.int64) if has_test else None,
+                              _owners(cfg, parts, keep, where))
 
 
 def _name(cfg: DataConfig) -> str:

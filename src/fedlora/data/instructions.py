@@ -60,9 +60,13 @@ class InstructionDataset:
     # Indices of a test set fixed by the dataset itself (math-word's test problems, generated apart; the held-out
     # stdlib modules of python-functions): split_federated uses them as the global test set. None: drawn there.
     held_out: np.ndarray | None = None
+    # Each example's owner (data.partition_column) for data.partition = "natural-id": one client per value.
+    groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.instructions)
+        if self.groups is not None and len(self.groups) != n:
+            raise DataError(f"dataset {self.name!r} has {n} instructions but {len(self.groups)} owners")
         if not (len(self.inputs) == len(self.responses) == n):
             raise DataError(f"dataset {self.name!r}: {n} instructions, {len(self.inputs)} inputs and "
                             f"{len(self.responses)} responses must be as many")
@@ -81,7 +85,8 @@ class InstructionDataset:
         pick = lambda xs: tuple(xs[i] for i in idx)  # noqa: E731
         held = None if self.held_out is None else np.flatnonzero(np.isin(idx, self.held_out)).astype(np.int64)
         return InstructionDataset(self.name, pick(self.instructions), pick(self.inputs), pick(self.responses),
-                                  self.labels[idx].copy(), self.label_names, held)
+                                  self.labels[idx].copy(), self.label_names, held,
+                                  None if self.groups is None else self.groups[idx].copy())
 
 
 def normalize_answer(text: str) -> str:

@@ -185,6 +185,17 @@ def pathological(pool: np.ndarray, labels: np.ndarray, num_clients: int, classes
     return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
 
 
+def natural_id(pool: np.ndarray, groups: np.ndarray, num_clients: int, column: str) -> list[np.ndarray]:
+    """One client per distinct value of ``groups`` in the pool (its owner: a user, a hospital), in sorted order of
+    the values, as Flower's ``NaturalIdPartitioner`` numbers them; there must be ``num_clients`` values."""
+    owners = np.unique(groups[pool])
+    if len(owners) != num_clients:
+        raise DataError(f"data.partition = 'natural-id': the examples for the clients have {len(owners)} distinct "
+                        f"values of data.partition_column = {column!r}, but data.num_clients = {num_clients}; set "
+                        f"data.num_clients = {len(owners)}")
+    return [np.sort(pool[groups[pool] == owner]).astype(np.int64) for owner in owners]
+
+
 def _train_test(part: np.ndarray, labels: np.ndarray, fraction: float,
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """A client's own (train, test): stratified, with at least one example on each side (needs >= 2 examples)."""
@@ -193,14 +204,16 @@ def _train_test(part: np.ndarray, labels: np.ndarray, fraction: float,
     return train, test
 
 
-def split_federated(labels: np.ndarray, cfg: DataConfig, held_out: np.ndarray | None = None) -> FederatedSplit:
+def split_federated(labels: np.ndarray, cfg: DataConfig, held_out: np.ndarray | None = None,
+                    groups: np.ndarray | None = None) -> FederatedSplit:
     """Split examples (given by their integer ``labels``) into a global test set and per-client train/test sets.
 
     Deterministic in ``cfg.seed``; depends on nothing but ``labels``, ``cfg`` and ``held_out``. See the module
     docstring for the order of the stages. ``held_out``: a global test set the dataset fixes itself (math-word's
     separately generated test problems, python-functions' held-out modules); stages 1 and 2 are then skipped
     (the dataset is already sized) and every other example goes to the clients. Raises :class:`DataError` when
-    there are too few examples for the clients, or when the requested partition cannot be built.
+    there are too few examples for the clients, or when the requested partition cannot be built. ``groups``: each
+    example's owner, for the natural-id partition.
     """
     labels = _check_labels(labels)
     if held_out is not None:
@@ -227,10 +240,16 @@ def split_federated(labels: np.ndarray, cfg: DataConfig, held_out: np.ndarray | 
         )
 
     rng = stage_rng(cfg.seed, _PARTITION)
+    if cfg.partition == "natural-id" and groups is None:
+        raise DataError("data.partition = 'natural-id': the dataset gives no owner per example "
+                        "(data.partition_column)")
     if cfg.partitioner == "flower":  # Flower Datasets' own partitioners, for splits a Flower baseline shares
         from fedlora.data.flower_partition import flower_parts
 
-        parts = flower_parts(pool, labels, cfg)
+        parts = flower_parts(pool, labels, cfg, groups)
+    elif cfg.partition == "natural-id":
+        assert groups is not None
+        parts = natural_id(pool, np.asarray(groups), cfg.num_clients, cfg.partition_column)
     elif cfg.partition == "iid":
         parts = iid(pool, cfg.num_clients, rng)
     elif cfg.partition == "dirichlet":
