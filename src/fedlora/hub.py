@@ -73,7 +73,11 @@ def _hub_config(repo_id: str, revision: str) -> tuple[dict[str, Any], str]:
                                         RepositoryNotFoundError, RevisionNotFoundError)
     from transformers.utils.hub import extract_commit_hash
 
+    from huggingface_hub.utils import logging as hub_logging
+
     where = f"model.name = {repo_id!r} (revision {revision!r})"
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retry warnings would add lines to the one-line error below
     try:
         path = hf_hub_download(repo_id, "config.json", revision=revision)
     except GatedRepoError:
@@ -97,6 +101,8 @@ def _hub_config(repo_id: str, revision: str) -> tuple[dict[str, Any], str]:
                          f"{repo_id}`)") from None
     except OSError as e:  # a network or file-system failure of another kind
         raise ModelError(f"{where}: cannot read its config.json: {_one_line(e)}") from None
+    finally:
+        hub_logging.set_verbosity(level)
     commit = extract_commit_hash(path, None)
     if commit is None:
         raise ModelError(f"{where}: {path!r} is not in a Hugging Face cache snapshot; cannot tell its commit")

@@ -47,9 +47,13 @@ def load_splits(cfg: DataConfig) -> dict[str, Any]:
         raise DataError(f"data.dataset = {cfg.dataset!r} needs the package datasets: {_INSTALL}") from None
     from huggingface_hub import constants
 
+    from huggingface_hub.utils import logging as hub_logging
+
     where = f"data.path = {cfg.path!r}" + (f" (data.config_name = {cfg.config_name!r})" if cfg.config_name else "")
     local = Path(cfg.path).expanduser()
     datasets.utils.logging.disable_progress_bar()
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retry warnings would add lines to a one-line error
     try:
         if local.is_file():
             builder = FILE_BUILDERS.get(local.suffix.lower())
@@ -65,15 +69,18 @@ def load_splits(cfg: DataConfig) -> dict[str, Any]:
     except DataError:
         raise
     except (FileNotFoundError, ConnectionError) as e:
-        hint = (" and HF_HUB_OFFLINE=1 forbids downloading it; download it first or unset HF_HUB_OFFLINE"
-                if constants.HF_HUB_OFFLINE else "")
+        hint = (" and HF_HUB_OFFLINE=1 forbids downloading it; load it once online (or unset HF_HUB_OFFLINE)"
+                if constants.HF_HUB_OFFLINE else " (not in the cache, and the Hub cannot be reached, or has no such "
+                "dataset, or it is private: log in with `hf auth login` or set HF_TOKEN)")
         raise DataError(f"{where}: no such local file or folder, and the datasets library cannot load it as a Hub "
-                        f"dataset{hint} ({_one_line(e)})") from None
+                        f"dataset{hint}: {_one_line(e)}") from None
     except (ValueError, OSError, TypeError, IndexError) as e:  # an unknown configuration name, a malformed file
         if "corresponds to no data" in str(e):  # the datasets library's refusal of an empty split
             raise DataError(f"{where}: a split is empty ({_one_line(e)}); give it rows or leave it out of "
                             "data.splits / data.test_split") from None
         raise DataError(f"{where}: the datasets library cannot load it: {_one_line(e)}") from None
+    finally:
+        hub_logging.set_verbosity(level)
     if isinstance(loaded, datasets.Dataset):
         return {"train": loaded}
     return dict(loaded)
