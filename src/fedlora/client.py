@@ -19,7 +19,8 @@ from torch import nn
 from fedlora.adapters import PRIVATE, Mixing, State, private_part, read_state, shared_part, write_state
 from fedlora.models import resolve_dtype
 from fedlora.config import TrainConfig
-from fedlora.errors import ClientFailure
+from fedlora.errors import ClientFailure, ConfigError
+from fedlora.schedule import is_constant, lr_factor, run_step
 from fedlora.tasks import Task
 
 if TYPE_CHECKING:
@@ -94,6 +95,25 @@ def batch_indices(train: np.ndarray, steps: int, batch_size: int, seed: int) -> 
     return [flat[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing (``train.gradient_checkpointing``) on the PEFT model's transformer: each layer's
+    activations are recomputed in the backward pass instead of kept (transformers checkpoints every
+    ``GradientCheckpointingLayer``). Non-reentrant checkpointing (``use_reentrant=False``, what PEFT and transformers
+    recommend) gives the adapters inside a checkpointed layer their gradients whether or not the layer's input
+    requires one; transformers also adds its ``enable_input_require_grads`` hook (the embeddings' output requires a
+    gradient, the embedding weights stay frozen), which is what PEFT relies on for the reentrant kind. Dropout masks
+    are replayed in the recomputation (the RNG state is saved), so the update is the one without checkpointing."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(inner, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.gradient_checkpointing = true, but {type(inner).__name__} does not support "
+                          "activation checkpointing in transformers; set train.gradient_checkpointing = false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers >= 5.x: gradient_… is its deprecated alias
+        inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # pragma: no cover - older transformers
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 class LocalTrainer:
     """Trains and evaluates client states on one shared model.
 
@@ -119,6 +139,8 @@ class LocalTrainer:
         # privacy.dp_sgd: a fedlora.privacy.DPSGD (Opacus per-example clipping and noise, Poisson batches), set by
         # experiment.build; None trains without it.
         self.dp_sgd: Any = None
+        if train.gradient_checkpointing:
+            enable_checkpointing(model)
 
     def _autocast(self) -> torch.autocast:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -166,25 +188,59 @@ class LocalTrainer:
                 p.requires_grad_(True)
             torch.manual_seed(seed)
             self.model.train()
-            for idx in batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed):
-                losses.append(self._step(self.model, opt, params, idx, clip=True))
+            for k, idx in enumerate(batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed)):
+                losses.append(self._step(self.model, opt, params, idx, clip=True, lr=self._lr(round_, k)))
             self.model.eval()
             for p in params:
                 p.requires_grad_(False)
         return {**state, **read_state(self.private_slots)}, float(np.mean(losses)) if losses else 0.0
 
     def _step(self, model: torch.nn.Module, opt: torch.optim.Optimizer, params: Sequence[torch.Tensor],
-              idx: np.ndarray, clip: bool) -> float:
-        """One optimizer step on the examples ``idx`` (gradient clipped to ``train.max_grad_norm`` when ``clip``);
-        returns the batch's loss."""
-        with self._autocast():
-            loss = self.task.loss(model, self.task.batch(idx, self.device))
-        loss.backward()
+              idx: np.ndarray, clip: bool, lr: float | None = None) -> float:
+        """One optimizer step on the examples ``idx`` (gradient clipped to ``train.max_grad_norm`` when ``clip``; at
+        learning rate ``lr`` when given, else the optimizer's); returns the batch's loss.
+
+        Gradient accumulation (``train.micro_batch_size`` = m > 0): the batch is computed in passes over at most m of
+        its examples, in order, each padded to its own longest example. The batch's loss is a mean over its N loss
+        terms (:meth:`fedlora.tasks.Task.loss_terms`: examples for classification, response tokens for generation),
+        so a pass's mean loss over its own n_j terms is weighted by n_j / N before its backward: the gradients then
+        sum to Σ_j (n_j / N)·(1/n_j)·Σ_{i∈j} ∇ℓ_i = (1/N)·Σ_i ∇ℓ_i, the full batch's gradient, whatever the passes'
+        lengths or numbers of response tokens (a plain mean of the passes' means would weigh a pass with few response
+        tokens as much as one with many). Clipping and the step then see that gradient. Equal up to float rounding
+        (summation order; dropout masks are drawn per pass, as for any other split of the batch)."""
+        if lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        m = self.cfg.micro_batch_size
+        passes = [self.task.batch(idx[i:i + m], self.device) for i in range(0, len(idx), m)] if 0 < m < len(idx) \
+            else [self.task.batch(idx, self.device)]
+        terms = [self.task.loss_terms(b) for b in passes]
+        total = sum(terms)
+        if total == 0:  # no loss term at all: the one pass's mean over nothing (NaN), as without accumulation
+            passes = [self.task.batch(idx, self.device)]
+        value = 0.0
+        for batch, n in zip(passes, terms):
+            if len(passes) > 1 and n == 0:  # a pass without loss terms (no response token) adds no gradient
+                continue
+            with self._autocast():
+                loss = self.task.loss(model, batch)
+                if len(passes) > 1:
+                    loss = loss * (n / total)
+            loss.backward()
+            value += float(loss.detach())
         if clip and self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
+        return value
+
+    def _lr(self, round_: int, k: int) -> float | None:
+        """The learning rate of local step ``k`` of round ``round_`` (``train.lr_schedule``), or None when the
+        schedule is constant (the optimizer's own, never touched: results stay bit-identical to no schedule)."""
+        if is_constant(self.cfg):
+            return None
+        assert self.cfg.lr is not None, "resolve the config (Config.resolved) before training"
+        return self.cfg.lr * lr_factor(self.cfg, run_step(self.cfg, round_, k))
 
     def train(self, state: Mapping[str, torch.Tensor], data: ClientData, round_: int,
               frozen: Collection[str] = (), adapter: str = "default") -> TrainResult:
@@ -205,11 +261,11 @@ class LocalTrainer:
         private = dp.attach(self.model, opt, cfg.batch_size, seed, self.device) if dp else nullcontext((self.model, opt))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), private as (model, opt):
             torch.manual_seed(seed)  # dropout draws from the global generator; pin it per client and round
-            for idx in batches:
+            for k, idx in enumerate(batches):
                 if len(idx) == 0:  # a Poisson batch (DP-SGD) may be empty: no gradient, no step
                     continue
                 # DP-SGD clips each example's gradient instead of the batch's
-                losses.append(self._step(model, opt, params, idx, clip=dp is None))
+                losses.append(self._step(model, opt, params, idx, clip=dp is None, lr=self._lr(round_, k)))
         self.model.eval()
         for p in params:
             p.requires_grad_(False)

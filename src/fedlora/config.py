@@ -21,6 +21,7 @@ from fedlora.config_fields import (  # noqa: F401  (the bounds are part of this 
 from fedlora.config_data import (CAUSAL_MODEL_NAMES, METRICS, MODEL_NAMES, PARTITIONS,  # noqa: F401 (re-exported)
                                  TASKS, DataConfig, ModelConfig)
 from fedlora.config_guard import FaultsConfig, PrivacyConfig
+from fedlora.config_train import LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from fedlora.errors import ConfigError
 
 # Sections whose chosen plugin may declare options of its own (fedlora.registry.Option), kept in the section's
@@ -83,39 +84,6 @@ class MethodConfig(_PluginOptions):
     share_head: bool | None = _opt(None, "share the classification head (unset: the method's documented default)")
     weighting: str = _opt("samples", "client weights p_u", choices=("samples", "uniform"))
     extra: tuple[tuple[str, Any], ...] = _extra_field()
-
-
-@dataclass(frozen=True)
-class TrainConfig(_Section):
-    SECTION = "train"
-    rounds: int = _opt(8, "federated rounds", ge=1, le=MAX_COUNT)
-    clients_per_round: int = _opt(0, "clients sampled per round (0: all)", ge=0, le=MAX_COUNT)
-    min_clients: int = _opt(1, "fewest valid updates for a round to count", ge=1, le=MAX_COUNT)
-    local_steps: int = _opt(10, "optimizer steps per client per round", ge=1, le=MAX_COUNT)
-    batch_size: int = _opt(16, "examples per step", ge=1, le=MAX_BATCH)
-    lr: float | None = _opt(None, "learning rate (unset: 3e-3 for lora/rslora, 1e-2 for vera)", gt=0)
-    optimizer: str = _opt("adamw", "local optimizer, fresh each round", choices=("adamw", "sgd"))
-    weight_decay: float = _opt(0.0, "decoupled weight decay (adamw) or L2 (sgd)", ge=0)
-    max_grad_norm: float = _opt(1.0, "gradient clipping by global norm (0: off)", ge=0)
-    max_length: int = _opt(64, "tokens per example after truncation (at most the model's position limit)", ge=8,
-                           le=MAX_TOKENS)
-    eval_every: int = _opt(1, "evaluate every k rounds (and always after the last)", ge=1, le=MAX_COUNT)
-    eval_initial: bool = _opt(True, "evaluate before the first round (recorded as round 0)")
-    eval_batch_size: int = _opt(64, "examples per evaluation batch", ge=1, le=MAX_BATCH)
-    max_new_tokens: int = _opt(0, "generation tasks: most tokens generated per answer (0: the task's default: "
-                               "longest reference + 4; math-word 256, python-functions 384)", ge=0, le=MAX_TOKENS)
-    seed: int = _opt(0, "seed of client sampling, batches and dropout")
-    device: str = _opt("auto", "where to compute", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "compute dtype (auto: bf16 where the device has fast bf16 units and no feature of the "
-                              "run needs float32 (privacy.dp_sgd), else float32; resolved, with the reason, in the "
-                              "run's config.toml)", choices=("auto", "float32", "bfloat16"))
-    attention: str = _opt("auto", "attention implementation (auto: the faster one for the device and dtype, "
-                                  "measured by benchmarks/throughput.py)", choices=("auto", "eager", "sdpa"))
-    threads: int = _opt(0, "torch CPU threads (0: one per available core)", ge=0, le=MAX_THREADS)
-    round_timeout: float = _opt(0.0, "seconds a client may take to reply in a round (0: no limit)", ge=0,
-                                le=MAX_SECONDS)
-    max_update_norm_ratio: float = _opt(0.0, "reject an update whose norm exceeds this × the round's median "
-                                             "(0: off)", ge=0)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,11 @@ class Task(Protocol):
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """How many terms ``loss`` averages over for ``batch`` (examples, or response tokens): the weight of a
+        micro-batch in gradient accumulation (fedlora.client.LocalTrainer)."""
+        ...
+
     def evaluate(self, model: nn.Module, idx: np.ndarray, batch_size: int, device: torch.device) -> dict[str, float]: ...
 
 
@@ -48,6 +53,10 @@ class ClassificationTask:
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self._loss(model(**{k: v for k, v in batch.items() if k != "labels"}).logits, batch["labels"])
+
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loss is a mean over examples: one term per example."""
+        return int(batch["labels"].numel())
 
     @staticmethod
     def _loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

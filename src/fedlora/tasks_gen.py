@@ -131,6 +131,10 @@ class GenerationTask:
         logits, targets = self._response_logits(model, batch)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE)
 
+    def loss_terms(self, batch: dict[str, torch.Tensor]) -> int:
+        """The loss is a mean over response tokens: one term per label that is not :data:`IGNORE`."""
+        return int((batch["labels"] != IGNORE).sum())
+
     # ---- evaluation --------------------------------------------------------------------------------------
     @torch.no_grad()
     def response_nll(self, model: nn.Module, idx: np.ndarray, batch_size: int,

@@ -56,6 +56,19 @@ def check_config(config: Config) -> None:
             able = [n for n, k in ADAPTERS.items() if "per-example-gradients" in k.provides]
             raise ConfigError(f"privacy.dp_sgd = true needs {CAPABILITIES['per-example-gradients']}, which "
                               f"adapter.kind = {config.adapter.kind!r} does not provide; use one of: {', '.join(able)}")
+        t = config.train
+        if t.micro_batch_size:
+            # Opacus keeps per-example gradients of every pass and clips each; but a Poisson batch's size is random, so
+            # a fixed pass size would split it unevenly and its mean-loss scaling would be each pass's, not the batch's.
+            raise ConfigError(f"privacy.dp_sgd = true with train.micro_batch_size = {t.micro_batch_size} is not "
+                              "supported: DP-SGD's batches are Poisson-sampled (random size) and clipped per example "
+                              "by Opacus over one pass; set train.micro_batch_size = 0 (or lower train.batch_size)")
+        if t.gradient_checkpointing:
+            # Opacus's hooks capture each layer's activations in the forward pass; a checkpointed layer runs its
+            # forward twice, so they would capture it twice.
+            raise ConfigError("privacy.dp_sgd = true with train.gradient_checkpointing = true is not supported: "
+                              "Opacus records each layer's activations in the forward pass, which checkpointing "
+                              "reruns; set train.gradient_checkpointing = false")
 
 
 def float32_reasons(config: Config) -> list[str]:
