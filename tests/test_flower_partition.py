@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flwr_datasets import FederatedDataset  # installed by the Makefile (--no-deps: it declares datasets<5)
 from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
-                                       PathologicalPartitioner)
+                                       PathologicalPartitioner, ShardPartitioner)
 
 from fedlora import config
 from fedlora.data import hf, split_federated
@@ -45,6 +45,8 @@ PARTITIONERS = {
     "pathological": lambda: PathologicalPartitioner(num_partitions=CLIENTS, partition_by="label",
                                                     num_classes_per_partition=2, seed=SEED),
     "natural-id": lambda: NaturalIdPartitioner(partition_by="user"),
+    "shard": lambda: ShardPartitioner(num_partitions=CLIENTS, partition_by="label", num_shards_per_partition=2,
+                                      seed=SEED),
 }
 
 
@@ -70,6 +72,10 @@ def test_each_client_holds_exactly_the_flower_partition(folder: Path, partition:
         flower_rows = sorted(baseline.load_partition(client.client_id, "train")["idx"])
         assert sorted(np.concatenate([client.train, client.test]).tolist()) == flower_rows
         assert len(client.test) >= 1  # what Flower lacks: each client's own stratified test split
+    if partition == "shard":  # Flower's only
+        with pytest.raises(config.ConfigError, match="data.partition = 'shard' is Flower Datasets' ShardPartitioner"):
+            data_config(folder, partition)
+        return
     # fedlora's own partitioner, same seed: another random split, except natural-id, which has no randomness
     own = split_federated(ds.labels, data_config(folder, partition), held_out=ds.held_out, groups=ds.groups)
     same = [np.array_equal(np.sort(np.concatenate([a.train, a.test])), np.sort(np.concatenate([b.train, b.test])))

@@ -16,7 +16,7 @@ TASKS = ("auto", "classification", "generation")
 # How answers are scored: classification by accuracy (and macro-F1); generation by exact match, GSM8K's final
 # number, or HumanEval pass@1 (python-functions). "auto": the dataset plugin's metric (DatasetSource.metric).
 METRICS = ("auto", "accuracy", "exact-match", "final-number", "humaneval")
-PARTITIONS = ("iid", "dirichlet", "pathological", "natural-id")
+PARTITIONS = ("iid", "dirichlet", "pathological", "natural-id", "shard")
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,8 @@ class DataConfig(_Section):
                                  "hospital); one client per value, in sorted order (hf)")
     alpha: float = _opt(0.5, "Dirichlet concentration over labels (smaller: more skew)", gt=0)
     classes_per_client: int = _opt(2, "pathological partition: classes per client", ge=1)
+    shards_per_client: int = _opt(2, "shard partition (Flower's ShardPartitioner: examples sorted by label, cut into "
+                                  "equal shards): shards per client", ge=1)
     num_clients: int = _opt(3, "number of clients", ge=1, le=MAX_COUNT)
     min_examples_per_client: int = _opt(8, "every client gets at least this many examples", ge=2)
     test_fraction: float = _opt(0.2, "stratified global test set held out before partitioning", gt=0, lt=1)
@@ -103,6 +105,9 @@ class DataConfig(_Section):
             raise ConfigError(f"data.partition = {self.partition!r} and data.partition_column = "
                               f"{self.partition_column!r}: the natural-id partition needs the column of each "
                               "example's owner, and only it reads one")
+        if self.partition == "shard" and self.partitioner != "flower":
+            raise ConfigError("data.partition = 'shard' is Flower Datasets' ShardPartitioner, which fedlora does not "
+                              "reimplement; set data.partitioner = 'flower'")
         if self.partition_column and not source.splits:
             raise ConfigError(f"data.partition_column = {self.partition_column!r} is read from datasets of the "
                               f"datasets library only, not data.dataset = {self.dataset!r}")

@@ -15,6 +15,9 @@ pathological   ``PathologicalPartitioner(num_partitions, partition_by="label",
                num_classes_per_partition=data.classes_per_client, seed=S)``
 natural-id     ``NaturalIdPartitioner(partition_by=data.partition_column)`` (fedlora's own gives the same:
                one client per owner, in sorted order)
+shard          ``ShardPartitioner(num_partitions, partition_by="label",
+               num_shards_per_partition=data.shards_per_client, seed=S)`` (Flower's only: McMahan et al.'s
+               label-sorted shards)
 =============  ==========================================================================================
 
 With ``data.dataset = "hf"``, ``data.test_split`` set and ``data.max_examples = 0`` the pool is the whole of
@@ -39,11 +42,14 @@ _INSTALL = "pip install --no-deps flwr-datasets==0.6.1 seaborn==0.13.2 (the Make
 def _partitioner(cfg: DataConfig) -> Any:
     try:
         from flwr_datasets.partitioner import (DirichletPartitioner, IidPartitioner, NaturalIdPartitioner,
-                                               PathologicalPartitioner)
+                                               PathologicalPartitioner, ShardPartitioner)
     except ImportError:
         raise DataError(f"data.partitioner = 'flower' needs the package flwr-datasets: {_INSTALL}") from None
     if cfg.partition == "natural-id":
         return NaturalIdPartitioner(partition_by="owner")
+    if cfg.partition == "shard":
+        return ShardPartitioner(num_partitions=cfg.num_clients, partition_by="label",
+                                num_shards_per_partition=cfg.shards_per_client, seed=cfg.seed)
     if cfg.partition == "iid":
         return IidPartitioner(num_partitions=cfg.num_clients)
     if cfg.partition == "dirichlet":
