@@ -43,7 +43,9 @@ from fedlora import config  # noqa: E402
 from fedlora.experiment import Experiment, build  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
-MODELS = {"minilm": [], "tiny-bert": ["model.name=tiny-bert", "data.max_examples=240", "train.max_length=24"]}
+MODELS = {"minilm": [], "tiny-bert": ["model.name=tiny-bert", "data.max_examples=240", "train.max_length=24"],
+          "smollm2": ["model.name=smollm2", "data.dataset=rotten-tomatoes-gen", "data.max_examples=400",
+                      "train.batch_size=8"]}  # as benchmarks/throughput.py times it
 CATEGORIES = (  # (category, operator-name fragments), first match wins
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "flash_attention",
                 "scaled_dot_product")),
