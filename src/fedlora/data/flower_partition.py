@@ -20,8 +20,8 @@ shard          ``ShardPartitioner(num_partitions, partition_by="label",
                label-sorted shards)
 =============  ==========================================================================================
 
-With ``data.dataset = "hf"``, ``data.test_split`` set and ``data.max_examples = 0`` the pool is the whole of
-``data.splits``, in order, so ``FederatedDataset(dataset=data.path, subset=data.config_name, partitioners={"train":
+With a dataset of the datasets library (``data.dataset = hf``), ``data.test_split`` set and
+``data.max_examples = 0``, the pool is the whole of ``data.splits``, in order, so ``FederatedDataset(dataset=data.path, subset=data.config_name, partitioners={"train":
 <the partitioner above>}, shuffle=True, seed=S).load_partition(k)`` holds exactly client k's examples (its train and
 test splits together). What Flower lacks is kept: the stratified global test set, each client's stratified test
 (and validation) split, and the minimum-size check of every client.
