@@ -105,7 +105,8 @@ def test_refusals_name_the_id_and_what_to_do(hf_home: Path, capsys: pytest.Captu
     assert code == 2 and len(err.strip().splitlines()) == 1 and not (hf_home / "never").exists()
     assert ("model.name = 'fedlora-test/absent' (revision 'main') is not in the Hugging Face cache "
             f"({hf_home / 'hub'}) and HF_HUB_OFFLINE=1 forbids downloading it; download it first "
-            "(`hf download fedlora-test/absent`) or unset HF_HUB_OFFLINE") in err
+            "(`hf download fedlora-test/absent`) or unset HF_HUB_OFFLINE (no local directory has that name either)"
+            ) in err
     with pytest.raises(ConfigError, match=r"model type 'distilbert', for which PEFT knows no default modules to "
                                           r"adapt; set adapter.targets"):
         tiny_config(f"model.name={ODD}").resolved()

@@ -95,10 +95,10 @@ def _hub_config(repo_id: str, revision: str) -> tuple[dict[str, Any], str]:
         if constants.HF_HUB_OFFLINE:
             raise ModelError(f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 "
                              f"forbids downloading it; download it first (`hf download {repo_id}`) or unset "
-                             "HF_HUB_OFFLINE") from None
+                             "HF_HUB_OFFLINE (no local directory has that name either)") from None
         raise ModelError(f"{where} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub cannot be "
                          "reached; connect to the network or download it where you can (`hf download "
-                         f"{repo_id}`)") from None
+                         f"{repo_id}`) (no local directory has that name either)") from None
     except OSError as e:  # a network or file-system failure of another kind
         raise ModelError(f"{where}: cannot read its config.json: {_one_line(e)}") from None
     finally:
