@@ -180,6 +180,8 @@ def test_files_and_saved_folders_with_integer_or_string_labels(tmp_path: Path) -
     datasets.Dataset.from_dict(ints).save_to_disk(str(tmp_path / "saved"))
     ds = hf.load_hf(hf_data(tmp_path / "saved"))
     assert ds.label_names == ("2", "7", "10") and ds.labels[:3].tolist() == [0, 2, 1]
+    (arrow,) = (tmp_path / "saved").glob("*.arrow")  # the one arrow file save_to_disk wrote, read on its own
+    assert hf.load_hf(hf_data(arrow)).texts == ds.texts
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"a": f"x{i}", "b": f"y{i}", "y": i % 2}) + "\n"
                                               for i in range(30)))
     for dataset in ("hf", "jsonl"):  # the datasets library and fedlora's own JSON Lines reader: the same pairs
