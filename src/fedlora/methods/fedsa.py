@@ -4,7 +4,8 @@ A learns what is common to all clients, B what is specific to one (Guo et al., I
 W0 + s·B_u·Ā. The same split applies to rsLoRA (s = α/√r) and to VeRA (λ_d shared, λ_b private). There is no
 single global model: evaluation is personalized.
 
-``method.share = "B"`` is the mirror image, FedDR-LoRA's split (ICML 2026): B (with DoRA's magnitude, which is
+``method.share = "B"`` is the mirror image, FedDR-LoRA's split (ICML 2026) as issue 28 states it (fedlora could not
+read that paper or its code, so nothing else of it is implemented): B (with DoRA's magnitude, which is
 indexed by output features like B's rows) is shared and averaged, A stays with each client, whose model is
 W0 + s·B̄·A_u (VeRA: λ_b shared, λ_d private). It is an option of this plugin rather than a plugin of its own
 because the two differ in one thing only, which saved tensors the plan uploads: the server rule (a weighted mean),
