@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -49,6 +49,9 @@ class Checkpoint:
     clients: dict[int, dict[str, torch.Tensor]]
     client_versions: dict[int, int]
     base: dict[str, torch.Tensor]
+    # Clients whose state lives in a fedlora.runtime.client_store.ClientStore: client -> the epoch of the state
+    # this checkpoint refers to (their tensors are in the store's files, not in ``clients``).
+    client_stamps: dict[int, int] = field(default_factory=dict)
 
 
 def _history_meta(b: Broadcast) -> dict[str, Any]:
@@ -69,9 +72,11 @@ def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mappi
                     client_versions: Mapping[int, int], base: Mapping[str, torch.Tensor],
                     records: list[dict[str, Any]], elapsed: float,
                     config: Mapping[str, Any] | None = None,
-                    on_event: Callable[[str, int], None] | None = None) -> None:
+                    on_event: Callable[[str, int], None] | None = None,
+                    client_stamps: Mapping[int, int] | None = None) -> None:
     """Write the state after ``round_`` as ``directory/state.safetensors``, atomically, keeping the one before as
-    ``previous.safetensors``. ``config`` (the resolved config as a dict) is stored for resume checks."""
+    ``previous.safetensors``. ``config`` (the resolved config as a dict) is stored for resume checks;
+    ``client_stamps``: the clients whose states are in a client store, with the epoch of each (not copied here)."""
     tensors: dict[str, torch.Tensor] = {}
     for k, v in server.global_state.items():
         tensors[f"global/{k}"] = v
@@ -91,7 +96,8 @@ def save_checkpoint(directory: Path, round_: int, server: Server, clients: Mappi
     meta = {"format": FORMAT, "round": round_, "version": server.version, "first": server.first,
             "client_version": server.client_version, "history": [_history_meta(b) for b in server.history],
             "client_versions": {str(c): v for c, v in client_versions.items()}, "records": records,
-            "elapsed": elapsed, "config": dict(config) if config is not None else None}
+            "elapsed": elapsed, "config": dict(config) if config is not None else None,
+            "client_stamps": {str(c): s for c, s in (client_stamps or {}).items()}}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta_json = json.dumps(meta)
     data = save(tensors, metadata={"meta": meta_json, "sha256": _digest(meta_json, tensors)})
@@ -185,4 +191,5 @@ def load_checkpoint(directory: Path, server: Server) -> Checkpoint:
     clients = {int(k.split("/", 1)[1]): v for k, v in groups.items() if k.startswith("client/")}
     return Checkpoint(round=meta["round"], records=meta["records"], elapsed=meta["elapsed"], clients=clients,
                       client_versions={int(c): v for c, v in meta["client_versions"].items()},
-                      base=groups.get("base", {}))
+                      base=groups.get("base", {}),
+                      client_stamps={int(c): s for c, s in meta.get("client_stamps", {}).items()})

@@ -115,6 +115,9 @@ class Config:
         registry.check_compatible(self)  # the one compatibility rule: what each chosen plugin needs is provided
         if t.clients_per_round > d.num_clients:
             raise ConfigError(f"train.clients_per_round = {t.clients_per_round} exceeds data.num_clients = {d.num_clients}")
+        if t.eval_clients > d.num_clients:
+            raise ConfigError(f"train.eval_clients = {t.eval_clients} exceeds data.num_clients = {d.num_clients}; "
+                              f"use 0 (all) to {d.num_clients}")
         if t.min_clients > self.clients_per_round:
             raise ConfigError(f"train.min_clients = {t.min_clients} exceeds the clients per round ({self.clients_per_round})")
         if registry.DATASETS.lookup(d.dataset).path == "required" and not d.path:
@@ -139,6 +142,13 @@ class Config:
     @property
     def clients_per_round(self) -> int:
         return self.train.clients_per_round or self.data.num_clients
+
+    @property
+    def states_on_disk(self) -> bool:
+        """Whether the embedded runtime keeps client states on disk (``train.client_states``; auto: when fewer
+        clients take part per round than there are)."""
+        mode = self.train.client_states
+        return mode == "disk" or (mode == "auto" and self.clients_per_round < self.data.num_clients)
 
     def resolved(self) -> Config:
         """The same experiment with every 'unset: default' key filled in, as written to a run's config.toml."""

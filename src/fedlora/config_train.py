@@ -62,6 +62,15 @@ class TrainConfig(_Section):
     min_lr_ratio: float = _opt(0.0, "linear and cosine schedules: the learning rate the decay ends at, as a "
                                     "fraction of train.lr", ge=0.0, le=1.0)
 
+    client_states: str = _opt("auto", "where the embedded runtime keeps the clients' adapter states between their "
+                                      "uses: memory, or disk (one safetensors file per client under the run's "
+                                      "checkpoint/clients/, a temporary folder without a run directory; memory then "
+                                      "grows with the clients per round, not the total); auto: disk when fewer "
+                                      "clients take part per round than there are", choices=("auto", "memory", "disk"))
+    eval_clients: int = _opt(0, "clients whose own model is evaluated in an evaluated round (0: all): a sample of "
+                                "this many, drawn from (train.seed, round), listed in the record's 'evaluated'",
+                             ge=0, le=MAX_COUNT)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.micro_batch_size > self.batch_size:

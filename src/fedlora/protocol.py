@@ -173,6 +173,9 @@ RECORD_FIELDS: dict[str, RecordField] = {
     "acc_personal_weighted": RecordField("the same, weighted by test-split size", "accuracy/personal_weighted"),
     "f1_personal_mean": RecordField("mean macro-F1 of the clients' own models", "f1/personal_mean"),
     "clients": RecordField("each client's accuracy on its own test split"),
+    "evaluated": RecordField("with train.eval_clients = k: the k clients evaluated this round (drawn from the seed "
+                             "and round; the personal accuracies are over them), null in a round not evaluated; "
+                             "absent when every client is evaluated"),
     "agg_error": RecordField("Σ over layers of ‖ideal − delivered‖_F / ‖ideal‖_F (methods with factors)",
                              "aggregation/error"),
     "bytes_up": RecordField("bytes of the uploads (numel × element size of what was sent)"),

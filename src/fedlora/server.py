@@ -6,6 +6,7 @@ both drive this object; neither contains a rule of its own.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import replace
 from typing import Mapping, Sequence
 
@@ -37,7 +38,7 @@ class Server:
         # methods keep only the latest; cumulative ones keep those the most-behind client has not received.
         self.history: list[Broadcast] = []
         self.first = 1
-        self.client_version = [0] * num_clients
+        self.client_version = [0] * num_clients  # the property below also counts clients per version
         # Per-client ranks: each client's uploads are checked against the state a client of its rank starts
         # the round from (the initial state of its PEFT adapter with every broadcast applied), not the global
         # adapter's shapes. ``rank_states`` holds those states for every adapter but "default".
@@ -72,12 +73,29 @@ class Server:
         adapter = self.client_adapters[client] if 0 <= client < self.num_clients else "default"
         return self.global_state if adapter == "default" else self.rank_states[adapter]
 
+    @property
+    def client_version(self) -> list[int]:
+        """The last broadcast each client received (read-only list; :meth:`mark_synced` changes it)."""
+        return self._client_version
+
+    @client_version.setter
+    def client_version(self, versions: list[int]) -> None:
+        self._client_version = list(versions)
+        # clients per version: the oldest version still held is found in O(versions), not O(clients), so that
+        # syncing every client of a round costs O(clients · rounds) rather than O(clients²)
+        self._version_count = Counter(self._client_version)
+
     def mark_synced(self, client: int) -> None:
-        self.client_version[client] = self.version
+        old = self._client_version[client]
+        self._version_count[old] -= 1
+        if not self._version_count[old]:
+            del self._version_count[old]
+        self._client_version[client] = self.version
+        self._version_count[self.version] += 1
         self._trim()
 
     def _trim(self) -> None:
-        oldest_needed = min(self.client_version) + 1 if self.method.cumulative else self.version
+        oldest_needed = min(self._version_count) + 1 if self.method.cumulative else self.version
         drop = max(0, min(oldest_needed - self.first, len(self.history) - 1))
         if drop:
             del self.history[:drop]

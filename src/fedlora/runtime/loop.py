@@ -125,11 +125,14 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
     bytes_eval_sync = 0
     if evaluate:
         took_part = {u.client for u in uploads} | {r["client"] for r in rejected}
-        protocol, bytes_eval_sync = evaluate_all(server, transport, record, missing, took_part)
+        protocol, bytes_eval_sync = evaluate_all(server, transport, record, missing, took_part,
+                                                 eval_sample(config, round_, record))
         bytes_down += protocol
     else:  # every record has the same keys; a round without evaluation has null accuracies
         extra = DATASETS.lookup(config.data.dataset).record_fields  # e.g. HumanEval's pass@1 for code generation
         record.update(dict.fromkeys(EVAL_FIELDS + (GEN_FIELDS if config.data.task == "generation" else ()) + extra))
+        if config.train.eval_clients:
+            record["evaluated"] = None
     record["bytes_up"] = bytes_up
     record["bytes_down"] = bytes_down
     record["bytes_eval_sync"] = bytes_eval_sync
@@ -137,15 +140,28 @@ def run_round(server: Server, transport: Transport, config: Config, round_: int,
     return record
 
 
+def eval_sample(config: Config, round_: int, record: dict[str, Any]) -> Sequence[int] | None:
+    """The clients evaluated in round ``round_``: with ``train.eval_clients`` = k > 0, k of them drawn without
+    replacement from (train.seed, round), sorted and listed in ``record["evaluated"]``; else None (all)."""
+    k, n = config.train.eval_clients, config.data.num_clients
+    if k == 0:
+        return None
+    rng = np.random.default_rng([config.train.seed, round_, 0xE7A])  # 0xE7A: this draw's own stream
+    chosen = sorted(int(c) for c in rng.choice(n, k, replace=False)) if k < n else list(range(n))
+    record["evaluated"] = chosen
+    return chosen
+
+
 def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], missing: list[dict[str, Any]],
-                 took_part: Collection[int] = ()) -> tuple[int, int]:
-    """Evaluate every client's own model on its test split (and the global model where there is one); fill
-    ``record``'s accuracy fields. Returns the bytes sent to bring clients up to date first: (to the clients in
-    ``took_part``, the round's broadcast to its participants; to the others, evaluation-only syncs)."""
+                 took_part: Collection[int] = (), clients: Sequence[int] | None = None) -> tuple[int, int]:
+    """Evaluate each client's own model on its test split (every client, or those in ``clients``) and the global
+    model where there is one; fill ``record``'s accuracy fields. Returns the bytes sent to bring clients up to date
+    first: (to the clients in ``took_part``, the round's broadcast to its participants; to the others,
+    evaluation-only syncs)."""
     record.update(dict.fromkeys(EVAL_FIELDS))
     protocol = eval_sync = 0
     per_client: dict[str, dict[str, float]] = {}
-    for c in range(server.num_clients):
+    for c in range(server.num_clients) if clients is None else clients:
         pending = server.pending(c)
         sent = sum(b.nbytes for b in pending)
         if c in took_part:
@@ -184,12 +200,15 @@ def evaluate_all(server: Server, transport: Transport, record: dict[str, Any], m
     return protocol, eval_sync
 
 
-def initial_record(server: Server, transport: Transport) -> dict[str, Any]:
-    """Round 0: every model evaluated before any training, so that learning is visible from its start."""
+def initial_record(server: Server, transport: Transport, config: Config | None = None) -> dict[str, Any]:
+    """Round 0: every model (or ``train.eval_clients`` of them) evaluated before any training, so that learning is
+    visible from its start."""
     t0 = time.perf_counter()
     record: dict[str, Any] = {"round": 0, "train_loss": None, "participants": [], "rejected": [], "missing": [],
                               "failed": None, **server.method.round_fields(0, server.sample)}
-    record["bytes_down"], record["bytes_eval_sync"] = evaluate_all(server, transport, record, record["missing"])
+    clients = eval_sample(config, 0, record) if config is not None else None
+    record["bytes_down"], record["bytes_eval_sync"] = evaluate_all(server, transport, record, record["missing"],
+                                                                   clients=clients)
     record["bytes_up"] = 0
     record["seconds"] = time.perf_counter() - t0
     return record
@@ -206,7 +225,7 @@ def run_rounds(server: Server, transport: Transport, config: Config, global_test
     t = config.train
     records = []
     if start_round == 1 and evaluate_initial and t.eval_initial:
-        records.append(initial_record(server, transport))
+        records.append(initial_record(server, transport, config))
         on_record(records[-1])
     for r in range(start_round, t.rounds + 1):
         record = run_round(server, transport, config, r, global_test,
