@@ -132,8 +132,9 @@ class ScriptedLM(torch.nn.Module):
         self.vocab = vocab
         self.script = script
 
-    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **_: Any) -> Any:
-        width = logits_to_keep or input_ids.shape[1]
+    def forward(self, input_ids: torch.Tensor, logits_to_keep: int | torch.Tensor = 0, **_: Any) -> Any:
+        # transformers' contract: an int keeps the last positions, a 1-D tensor names the positions kept
+        width = len(logits_to_keep) if isinstance(logits_to_keep, torch.Tensor) else logits_to_keep or input_ids.shape[1]
         return type("Out", (), {"logits": torch.zeros(input_ids.shape[0], width, self.vocab)})()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generation_config: Any) -> torch.Tensor:

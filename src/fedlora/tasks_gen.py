@@ -119,11 +119,21 @@ class GenerationTask:
         labels = batch["labels"]
         has_label = (labels != IGNORE).any(0)
         # Every row starts with at least one prompt token, so K < width and the K+1 kept logits exist.
-        k = labels.shape[1] - int(torch.argmax(has_label.to(torch.int8))) if bool(has_label.any()) else 1
-        extra = {"logits_to_keep": k + 1} if self.logits_to_keep else {}
+        width = labels.shape[1]
+        k = width - int(torch.argmax(has_label.to(torch.int8))) if bool(has_label.any()) else 1
+        # The logit at column j predicts the token at column j + 1: the K columns width-K-1 .. width-2 predict the
+        # last K. They are named by a 1-D tensor of positions, not the integer K + 1: transformers then gathers
+        # those hidden states into a contiguous tensor, where an integer takes a strided slice, and a strided
+        # 3-D input that requires grad makes torch.matmul multiply by the LM head through bmm with the head's
+        # weight expanded to the batch, i.e. copied batch-size times (SmolLM2: 8 copies of its 49,152 × 576
+        # head each step; 2.5 s of a 5 s bf16 step on 1 CPU thread, benchmarks/step_profile.py).
+        if self.logits_to_keep:
+            keep = torch.arange(width - k - 1, width - 1, device=labels.device)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)
+            return out.logits, labels[:, -k:]
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    position_ids=batch["position_ids"], use_cache=False, **extra)
-        # The logit at column j predicts the token at column j + 1: drop the last one.
+                    position_ids=batch["position_ids"], use_cache=False)
         return out.logits[:, -(k + 1):-1], labels[:, -k:]
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
