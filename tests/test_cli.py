@@ -41,12 +41,12 @@ def test_config_file_and_overrides(tmp_path, capsys) -> None:
 
 
 BAD = [
-    (["--set", "method.name=fedavg"], "method.name = 'fedavg' is not allowed; choose one of: feddpa, fedex, fedit"),
+    (["--set", "method.name=fedavg"], "method.name = 'fedavg' is not allowed; choose one of: fed-sb, feddpa, fedex, fedit"),
     (["--set", "method.nmae=fedit"], "unknown key method.nmae (did you mean 'name'?)"),
     (["--set", "trian.rounds=3"], "unknown section [trian] (did you mean 'train'?)"),
     (["--set", "train.rounds=-1"], "train.rounds = -1 is out of range; it must be >= 1"),
     (["--set", "train.rounds=ten"], "train.rounds = 'ten' has the wrong type; expected an integer"),
-    (["--set", "adapter.kind=lokr"], "adapter.kind = 'lokr' is not allowed; choose one of: dora, lora, rslora, vera"),
+    (["--set", "adapter.kind=lokr"], "adapter.kind = 'lokr' is not allowed; choose one of: dora, lora, lora-sb, rslora, vera"),
     (["--set", "method.name=fedex", "--set", "adapter.kind=vera"], "method.name = 'fedex' needs low-rank factors B, A"),
     (["--set", "data.dataset=csv"], "data.dataset = 'csv' needs data.path"),
     (["--set", "data.dataset=csv", "--set", "data.path=/nonexistent.csv"], "/nonexistent.csv"),
