@@ -343,3 +343,52 @@ def test_full_disk_is_a_clear_error_and_the_run_resumes_once_space_is_freed(smal
     assert code == 0, err
     assert_same_run(reference, out)
     assert shutil.disk_usage(small_disk).used > 0
+
+
+# Keys added to fedlora after a run was checkpointed (issue 25 added these): an earlier release's checkpoint and
+# config.toml lack them.
+ADDED_LATER = [("model", "revision"), ("model", "causal"), ("data", "config_name"), ("data", "metric"),
+               ("data", "partitioner"), ("data", "partition_column"), ("data", "shards_per_client")]
+
+
+def _as_earlier_release(run: Path, keep_in_toml: dict[tuple[str, str], object] | None = None) -> None:
+    """Rewrite ``run``'s checkpoints and config.toml as a release without the ADDED_LATER keys wrote them
+    (checkpoint checksums recomputed); ``keep_in_toml``: keys set in config.toml anyway, to these values."""
+    import tomllib
+
+    import tomli_w
+    from safetensors.torch import save_file
+
+    from fedlora.checkpoint import _digest, read_checkpoint
+
+    for file in sorted((run / "checkpoint").glob("*.safetensors")):
+        meta, tensors = read_checkpoint(run / "checkpoint", file.name)
+        for section, key in ADDED_LATER:
+            meta["config"][section].pop(key, None)
+        meta_json = json.dumps(meta)
+        save_file(tensors, str(file), metadata={"meta": meta_json, "sha256": _digest(meta_json, tensors)})
+    raw = tomllib.loads((run / "config.toml").read_text())
+    for section, key in ADDED_LATER:
+        raw[section].pop(key, None)
+    for (section, key), value in (keep_in_toml or {}).items():
+        raw[section][key] = value
+    (run / "config.toml").write_text(tomli_w.dumps(raw))
+
+
+def test_a_run_checkpointed_by_an_earlier_release_resumes_to_the_uninterrupted_result(reference, killed_run) -> None:
+    # Prepare: the killed run as an earlier release left it, without the keys added since.
+    _as_earlier_release(killed_run)
+    # Execute
+    code, err = finish(cli("--resume", str(killed_run)))
+    # Assert: accepted (the added keys hold what the earlier release did), and the same run as without the kill.
+    assert code == 0, err
+    assert_same_run(reference, killed_run)
+    entry = json.loads((killed_run / "resumes.jsonl").read_text().splitlines()[-1])
+    assert entry["changed"] == {}
+
+
+def test_a_key_added_since_the_checkpoint_but_set_to_something_else_is_refused(killed_run, capsys) -> None:
+    _as_earlier_release(killed_run, keep_in_toml={("data", "shards_per_client"): 3})
+    line = refused(capsys, ["run", "--resume", str(killed_run), "--quiet"],
+                   "config.toml no longer matches the checkpointed run")
+    assert "data.shards_per_client: None in the checkpoint, 3 now" in line, line
