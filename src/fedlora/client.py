@@ -244,7 +244,8 @@ class LocalTrainer:
 
     def train(self, state: Mapping[str, torch.Tensor], data: ClientData, round_: int,
               frozen: Collection[str] = (), adapter: str = "default") -> TrainResult:
-        """``train.local_steps`` optimizer steps from ``state``; the optimizer is fresh each round."""
+        """``train.local_steps`` optimizer steps from ``state`` at the rates of ``train.lr_schedule`` (fedlora.schedule:
+        local step k of round r is run step (r - 1)·local_steps + k); the optimizer is fresh each round."""
         cfg = self.cfg
         self.load(state, adapter)
         params = []
