@@ -87,3 +87,26 @@ def test_a_sampled_subset_of_clients_is_evaluated_and_recorded(tmp_path) -> None
     assert records[0]["evaluated"] != records[2]["evaluated"]  # drawn per round (this seed's draws differ)
     with pytest.raises(ConfigError, match=r"train.eval_clients = 7 exceeds data.num_clients = 6; use 0 \(all\) to 6"):
         tiny_config(*PARTIAL, "train.eval_clients=7")
+
+
+def test_a_checkpoint_holding_the_states_resumes_with_states_on_disk(tmp_path, monkeypatch) -> None:
+    # A checkpoint written with the states in it (train.client_states = memory, or a run of an older fedlora)
+    cfg = config.load(None, [*RESUMABLE, *PARTIAL, "train.client_states=memory"])
+    straight = tmp_path / "straight"
+    simulation.run(cfg, RunDir(straight), progress=False)
+    from conftest import Stop
+    from fedlora.runtime import observers
+
+    def stop(self, point: str, round_: int) -> None:
+        if self.target == f"{point}:{round_}":
+            raise Stop(self.target)
+
+    out = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(observers.KillSwitch, "event", stop)
+        m.setenv("FEDLORA_TEST_KILL_AT", "fit:3")
+        with pytest.raises(Stop):
+            simulation.run(cfg, RunDir(out), progress=False)
+    disk = config.load(None, [*RESUMABLE, *PARTIAL, "train.client_states=disk"])
+    simulation.run(disk, RunDir(out, resume=True), progress=False, resume=True)
+    assert_same_run(straight, out)

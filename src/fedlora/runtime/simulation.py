@@ -99,6 +99,9 @@ class EmbeddedTransport:
         files, at the epochs the checkpoint names: ``stamps``)."""
         if self.store is not None:
             self.store.restore(stamps)
+            for cid, state in clients.items():  # a checkpoint that holds the states itself (memory, older runs):
+                self.store.write(cid, state, versions[cid], 0)  # epoch 0 is at or before any checkpoint
+            clients = {}
         for cid, state in clients.items():
             self.nodes[cid].state = dict(state)
             self.nodes[cid].version = versions[cid]
