@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q --no-deps flwr-datasets==0.6.1 seaborn==0.13.2
 	# [privacy]: Opacus (DP-SGD, RDP accountant); --no-deps so that it cannot move the pinned torch.
 	$(PIP) install -q --no-deps opacus==1.6.0 opt-einsum==3.4.0
+	# model.quantization (nf4 / int8 base): bitsandbytes, CPU and CUDA backends; --no-deps keeps torch pinned.
+	$(PIP) install -q --no-deps bitsandbytes==0.50.2
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 

@@ -12,6 +12,8 @@ from fedlora.errors import ConfigError
 
 MODEL_NAMES = tuple(hub.BUNDLED)  # the bundled models (fedlora.hub declares them)
 CAUSAL_MODEL_NAMES = tuple(n for n, (_, causal) in hub.BUNDLED.items() if causal)
+# How the frozen base's linear layers are stored (bitsandbytes through PEFT's k-bit path: fedlora.quantize).
+QUANTIZATIONS = ("none", "nf4", "int8")
 TASKS = ("auto", "classification", "generation")
 # How answers are scored: classification by accuracy (and macro-F1); generation by exact match, GSM8K's final
 # number, or HumanEval pass@1 (python-functions). "auto": the dataset plugin's metric (DatasetSource.metric).
@@ -27,6 +29,10 @@ class ModelConfig(_Section):
     revision: str = _opt("main", "Hub ids: branch, tag or commit; the run's config.toml records the commit it named")
     causal: bool | None = _opt(None, "whether the model is a causal LM (generation) rather than an encoder "
                                "(classification head); unset: from its config's architectures")
+    quantization: str = _opt("none", "causal LMs: the frozen base's linear layers in 4-bit NF4 or 8-bit (QLoRA; needs "
+                             "bitsandbytes: pip install --no-deps bitsandbytes==0.50.2), adapters stay float32 and "
+                             "save as plain PEFT adapters over the unquantized base; refused with methods that "
+                             "change base weights (fedex, flora)", choices=QUANTIZATIONS)
 
     def __post_init__(self) -> None:
         super().__post_init__()

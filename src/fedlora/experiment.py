@@ -109,7 +109,8 @@ def build(config: Config) -> Experiment:
     tokenizer = models.load_tokenizer(config.model)
     if config.data.task == "generation":  # a causal LM on instruction data (Config.resolved decides)
         dataset = load_instruction_dataset(config.data)
-        base = models.load_causal_lm(config.model, seed=config.adapter.seed)
+        base = models.load_causal_lm(config.model, seed=config.adapter.seed, device=device,
+                                     compute_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         keep = "logits_to_keep" in inspect.signature(base.forward).parameters  # LM head on response columns only
         task = build_task(dataset, tokenizer, config, keep)
         task_type = TaskType.CAUSAL_LM

@@ -271,6 +271,10 @@ def _pretrained(path: str, revision: str | None, num_labels: int, seed: int) -> 
 def load_classifier(cfg: ModelConfig, num_labels: int, seed: int) -> nn.Module:
     """A fresh copy of the base model with a classification head of ``num_labels`` (seeded)."""
     spec = resolve(cfg)
+    if cfg.quantization != "none" and not spec.causal:
+        raise ModelError(f"model.quantization = {cfg.quantization!r} applies to causal language models (QLoRA); "
+                         f"model.name = {cfg.name!r} is an encoder with a classification head, which fedlora keeps "
+                         "unquantized: use model.quantization = 'none'")
     if spec.causal:
         raise ModelError(f"model.name = {cfg.name!r} is a causal language model, which needs a generation "
                          "dataset; classification datasets need an encoder (minilm, tiny-bert, a local directory or "
@@ -293,8 +297,29 @@ def _causal_pretrained(path: str, revision: str | None = None) -> nn.Module:
     return model.eval()
 
 
-def load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
-    """A fresh copy of a causal language model (tiny-llama: random weights drawn with ``seed``)."""
+def load_causal_lm(cfg: ModelConfig, seed: int, device: torch.device | None = None,
+                   compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A fresh copy of a causal language model (tiny-llama: random weights drawn with ``seed``); with
+    ``model.quantization``, its linear layers quantized by bitsandbytes on ``device`` (:mod:`fedlora.quantize`)."""
+    spec = resolve(cfg)
+    if cfg.quantization == "none" or spec.path is None:
+        base = _load_causal_lm(cfg, seed)
+        if cfg.quantization == "none":
+            return base
+    from fedlora import quantize
+
+    device = device or torch.device("cpu")
+    if spec.path is None:  # built in code: quantized from its seeded weights
+        return quantize.quantize_built(base, cfg.quantization, device, compute_dtype)
+    if not spec.causal:
+        _load_causal_lm(cfg, seed)  # raises its ModelError (not a causal LM)
+    if cfg.name == "smollm2":
+        smollm2_dir()  # convert on first use
+    return quantize.load_quantized(AutoModelForCausalLM.from_pretrained, spec.path, spec.path, cfg.quantization,
+                                   device, compute_dtype, revision=spec.revision)
+
+
+def _load_causal_lm(cfg: ModelConfig, seed: int) -> nn.Module:
     spec = resolve(cfg)
     if not spec.causal:
         raise ModelError(f"model.name = {cfg.name!r} is not a causal language model (its config.json names no "

@@ -198,6 +198,16 @@ def check_compatible(config: Config) -> None:
         hint = f"; it is provided by: {', '.join(providers)}" if providers else ""
         raise ConfigError(f"{key} = {who!r} needs {CAPABILITIES.get(cap, cap)}, which this configuration does not "
                           f"provide{hint}")
+    quantization = config.model.quantization
+    for key, plugin in chosen(config):
+        if quantization != "none" and getattr(plugin, "changes_base", False):
+            # Merging into a k-bit weight rounds each merge to the quantization grid (NF4's step is ~1/8 of a
+            # block's largest weight), which erases updates of adapter size; a float32 master of every merged layer
+            # would hold the float32 weights the quantization exists to avoid.
+            raise ConfigError(f"{key} = {plugin.name!r} changes the frozen base weights every round, which "
+                              f"model.quantization = {quantization!r} stores in k-bit form where the merges would be "
+                              "rounded away; use model.quantization = 'none', or a method that leaves the base "
+                              "unchanged")
     for key, plugin in chosen(config):  # a plugin's own rule about the rest of the configuration
         check = getattr(plugin, "check_config", None)
         reason = check(config) if callable(check) else None
