@@ -16,13 +16,13 @@ from torch import Tensor
 
 from fedlora.functional_align import ALIGN_SIDES, core_factors, fed_sb, fedrot, fedrot_align, procrustes_rotation
 from fedlora.functional_checks import Weights, _as_list, _check_tensor, _Layer, _validate, normalize_weights
-from fedlora.linalg import (_COMPUTE_DTYPE, _concat, _fedit_means, _low_rank_factors, _norm, _orthonormal_refactor,
-                            _product_norm, _weighted_sum)
+from fedlora.linalg import (_COMPUTE_DTYPE, _concat, _fedit_means, _low_rank_factors, _mean_row_norm, _norm,
+                            _orthonormal_refactor, _product_norm, _rows_scaled, _weighted_sum)
 
 __all__ = ["ALIGN_SIDES", "SPLITS", "core_factors", "fed_sb", "fedrot", "fedrot_align", "procrustes_rotation", "fedex", "fedex_residual_factors", "fedit", "fedit_error", "fedsvd", "flexlora", "flora_na",
            "flora_na_coefficients", "flora_na_paper", "flora_stack", "lora_fair", "ideal_update", "normalize_weights", "relative_error", "residual_factors", "weighted_mean"]
 
-SPLITS = ("balanced", "fedit-scale")
+SPLITS = ("balanced", "fedit-scale", "orthonormal-a", "a-row-norm")
 
 # ------------------------------------------------------------------------------------------------ public API
 
@@ -71,6 +71,12 @@ def flora_na(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, rank:
       When ΔW̄ is exactly zero (e.g. round one of LoRA, B zero-initialised and untrained), the result is
       B̂ = 0, Â = Ā (truncated or zero-padded to ``rank``), LoRA's own initialisation convention, which
       keeps gradients flowing into B next round, where balanced zeros would freeze both factors.
+    - "orthonormal-a": Â = V_rᵀ Q_Aᵀ with orthonormal rows, B̂ = Q_B U_r Σ_r (FlexLoRA's split): A keeps unit row
+      norms however small the update, so ∂L/∂B = s·(∂L/∂ΔW)·Âᵀ does not shrink with σ (under "balanced" it scales
+      as √σ, and so does ∂L/∂A ∝ B̂; benchmarks/na_split.py measures it).
+    - "a-row-norm": the orthonormal-a factors with every row of Â scaled to ρ and every column of B̂ by 1/ρ, where
+      ρ = Σ p_u · (mean row norm of A_u) is the scale of the uploaded A's; A stays at the clients' own scale (for
+      LoRA's Kaiming-uniform initialisation of an r×k A, ρ ≈ 1/√3 at the start). All A_u zero: orthonormal-a.
     """
     layer = _validate(Bs, As, weights)
     rank = max(layer.ranks) if rank is None else rank
@@ -79,8 +85,12 @@ def flora_na(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Weights, rank:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(map(repr, SPLITS))}")
     Bc, Ac = _concat(layer, _COMPUTE_DTYPE, "B", skip_zero=True)
-    B, A = _low_rank_factors(Bc, Ac, rank)
-    if split == "fedit-scale":
+    B, A = _low_rank_factors(Bc, Ac, rank, weight_on="B" if split in ("orthonormal-a", "a-row-norm") else "both")
+    if split == "a-row-norm":
+        rho = sum(pu * _mean_row_norm(A_u) for pu, A_u in zip(layer.p, layer.As))
+        if rho > 0:
+            B, A = _rows_scaled(B, A, rho)
+    elif split == "fedit-scale":
         B_bar, A_bar = _fedit_means(layer)
         if not bool(B.any()) and not bool(A.any()):  # ΔW̄ == 0 exactly: B̂ = 0, Â = Ā
             A = A_bar.to(_COMPUTE_DTYPE)[:rank]

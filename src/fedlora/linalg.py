@@ -121,6 +121,18 @@ def _low_rank_factors(Bc: Tensor, Ac: Tensor, rank: int, method: str = "auto",
     return B, A
 
 
+def _mean_row_norm(A: Tensor) -> float:
+    """The mean over rows of ‖A[i]‖₂, accumulated in float64 (A r×k: each row is one component of an adapter)."""
+    return float(torch.linalg.vector_norm(A, dim=1, dtype=torch.float64).mean())
+
+
+def _rows_scaled(B: Tensor, A: Tensor, rho: float) -> tuple[Tensor, Tensor]:
+    """(B/ρ, ρ·A): the same product B·A, with A's rows ρ times as long (ρ > 0). A new pair; the inputs are kept."""
+    if not rho > 0 or rho == float("inf"):
+        raise ValueError(f"rho must be positive and finite, got {rho!r}")
+    return B / rho, A * rho
+
+
 def _orthonormal_refactor(B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
     """(B', A') with B'·A' = B·A, A' (r×k) with orthonormal rows (the right singular vectors of B·A, completed
     within A's row space where B·A has rank < r) and B' = U·Σ, from r×r matrices only (B d×r, A r×k, r ≤ k)."""

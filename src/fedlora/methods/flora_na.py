@@ -41,8 +41,10 @@ class FLoRANA(Method):
     options = (
         Option("na_estimator", "svd", "flora-na: 'svd' (exact rank-r optimum), 'paper' (the authors' code: 2N scalars "
                "shared by all layers) or 'layer-mix' (2N scalars per layer)", choices=("svd", "paper", "layer-mix")),
-        Option("na_split", "balanced", "flora-na: how B^A^ is split into two factors",
-               choices=("balanced", "fedit-scale")),
+        Option("na_split", "balanced", "flora-na: how B^A^ is split into two factors: 'balanced' (sqrt(sigma) on "
+               "each), 'fedit-scale' (FedIT's norm ratio), 'orthonormal-a' (A orthonormal rows, sigma on B, as "
+               "FlexLoRA) or 'a-row-norm' (A's rows at the uploaded A's mean row norm)",
+               choices=("balanced", "fedit-scale", "orthonormal-a", "a-row-norm")),
     )
 
     @classmethod
