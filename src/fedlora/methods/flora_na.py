@@ -10,6 +10,8 @@ FlexLoRA does; the two then differ only in how each component is split between B
 - ``"svd"`` (default): the exact rank-r optimum (truncated SVD of the ideal update, computed from QR factors of
   the stacked uploads, never forming a d×k matrix; :func:`fedlora.functional.flora_na`). ``method.na_split``
   chooses how the optimal product is split into B̂ and Â (it changes the next round's training, not the product).
+  The default ``"fedit-scale"`` was chosen on the replication's validation split (benchmarks/na_split.py, issue
+  27); the earlier default ``"balanced"`` shrinks A to √σ of a small first update, which starves ∂L/∂B ∝ A.
 - ``"paper"``: the authors' public-code estimator (:func:`fedlora.functional.flora_na_paper`): 2N scalars U, V
   shared by all layers, B̂ = B_g + Σ p_u V_u ΔB_u and Â = A_g + Σ p_u U_u ΔA_u from the previous global factors,
   fitted by 200 AdamW steps from FedIT's point, last iterate kept.
@@ -41,7 +43,7 @@ class FLoRANA(Method):
     options = (
         Option("na_estimator", "svd", "flora-na: 'svd' (exact rank-r optimum), 'paper' (the authors' code: 2N scalars "
                "shared by all layers) or 'layer-mix' (2N scalars per layer)", choices=("svd", "paper", "layer-mix")),
-        Option("na_split", "balanced", "flora-na: how B^A^ is split into two factors: 'balanced' (sqrt(sigma) on "
+        Option("na_split", "fedit-scale", "flora-na: how B^A^ is split into two factors: 'balanced' (sqrt(sigma) on "
                "each), 'fedit-scale' (FedIT's norm ratio), 'orthonormal-a' (A orthonormal rows, sigma on B, as "
                "FlexLoRA) or 'a-row-norm' (A's rows at the uploaded A's mean row norm)",
                choices=("balanced", "fedit-scale", "orthonormal-a", "a-row-norm")),
