@@ -152,7 +152,7 @@ def test_vera_and_dora_with_flora_na_are_skipped() -> None:
 
 
 def test_unknown_method_names_the_available_ones(tmp_path, capsys) -> None:
-    with pytest.raises(ConfigError, match=r"--methods: 'nope' not available in this version; available: feddpa, fedex, fedit, "):
+    with pytest.raises(ConfigError, match=r"--methods: 'nope' not available in this version; available: fed-sb, feddpa, fedex, fedit, "):
         plan(tiny_config(), ["fedit", "nope"], ["lora"], [0])
     assert main(["compare", *TINY_SET, "--methods", "fedit,nope", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
