@@ -11,7 +11,14 @@ core, the method registry) load on first use (PEP 562 module ``__getattr__``), s
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING, Any
+
+# PEFT imports bitsandbytes whenever it is installed (the [quantization] extra), and bitsandbytes 0.50 then warns, on
+# every CPU import, that the optional `kernels` package (optimised 4-bit CPU kernels fetched from the Hub) is absent;
+# it falls back to its own PyTorch code, which benchmarks/quantized.py measures. Not a problem of the run: silenced
+# so that every fedlora command does not print it.
+warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward from kernels-community")
 
 from fedlora.config import Config, load
 from fedlora.errors import ConfigError, DataError, FedloraError, ModelError
