@@ -248,3 +248,26 @@ def test_the_quick_throughput_benchmark_prints_the_figures_of_the_full_one() -> 
     assert summary["bf16_over_f32"] == summary["bf16_step_s"] / summary["f32_step_s"]
     assert summary["models"][0]["model"] == "tiny-bert"
     assert set(summary["matmul_peak_flop_s"]) == {"float32", "bfloat16"}
+
+
+def test_the_gpu_check_runs_on_the_cpu_and_gets_the_same_result_twice() -> None:
+    # Prepare: the GPU check's own CPU mode (issue 26, part 6), on the two tiny models.
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    # Execute
+    out = subprocess.run([sys.executable, str(script), "--device", "cpu", "--models", "tiny-llama,tiny-bert",
+                          "--steps", "2", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    # Assert: both models timed against the bare loop, the round reproduced, the NF4 base tried where it can be.
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["device"] == "cpu" and summary["all_same_twice"] is True
+    assert [r["model"] for r in summary["models"]] == ["tiny-llama", "tiny-bert"]
+    assert all(r["step_ratio"] > 0 and r["records"] == 2 for r in summary["models"])
+    llama, bert = summary["models"]
+    assert bert["quantized"] == {"skipped": "an encoder: model.quantization takes causal LMs"}
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert llama["quantized"] == {"skipped": "bitsandbytes is not installed"}
+    else:
+        assert llama["quantized"]["finite"] is True, llama["quantized"]
