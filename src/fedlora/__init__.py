@@ -14,12 +14,6 @@ import importlib
 import warnings
 from typing import TYPE_CHECKING, Any
 
-# PEFT imports bitsandbytes whenever it is installed (the [quantization] extra), and bitsandbytes 0.50 then warns, on
-# every CPU import, that the optional `kernels` package (optimised 4-bit CPU kernels fetched from the Hub) is absent;
-# it falls back to its own PyTorch code, which benchmarks/quantized.py measures. Not a problem of the run: silenced
-# so that every fedlora command does not print it.
-warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward from kernels-community")
-
 from fedlora.config import Config, load
 from fedlora.errors import ConfigError, DataError, FedloraError, ModelError
 
@@ -28,6 +22,12 @@ if TYPE_CHECKING:
     from fedlora.methods import METHODS, Broadcast, Method, Upload, get_method
 
 __version__ = "0.1.0"
+
+# PEFT imports bitsandbytes whenever it is installed (the [quantization] extra), and bitsandbytes 0.50 then warns, on
+# every CPU import, that the optional `kernels` package (optimised 4-bit CPU kernels fetched from the Hub) is absent;
+# it falls back to its own PyTorch code, which benchmarks/quantized.py measures. Not a problem of the run: silenced
+# so that every fedlora command does not print it.
+warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward from kernels-community")
 
 # Public names loaded on first access: name -> the module that defines it.
 _LAZY = {"functional": "fedlora.functional", "METHODS": "fedlora.methods", "Broadcast": "fedlora.methods",
