@@ -11,7 +11,7 @@ core, the method registry) load on first use (PEP 562 module ``__getattr__``), s
 from __future__ import annotations
 
 import importlib
-import warnings
+import logging
 from typing import TYPE_CHECKING, Any
 
 from fedlora.config import Config, load
@@ -23,11 +23,12 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-# PEFT imports bitsandbytes whenever it is installed (the [quantization] extra), and bitsandbytes 0.50 then warns, on
-# every CPU import, that the optional `kernels` package (optimised 4-bit CPU kernels fetched from the Hub) is absent;
-# it falls back to its own PyTorch code, which benchmarks/quantized.py measures. Not a problem of the run: silenced
-# so that every fedlora command does not print it.
-warnings.filterwarnings("ignore", message="Failed to load CPU gemm_4bit_forward from kernels-community")
+# PEFT imports bitsandbytes whenever it is installed (the [quantization] extra), and on a CPU with avx512_bf16
+# bitsandbytes 0.50 then logs, at every import, that the optional `kernels` package (optimised 4-bit CPU kernels
+# fetched from the Hub) is absent; it falls back to its own PyTorch code, which benchmarks/quantized.py measures.
+# Not a problem of the run: that one record is dropped so that every fedlora command does not print it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community"))
 
 # Public names loaded on first access: name -> the module that defines it.
 _LAZY = {"functional": "fedlora.functional", "METHODS": "fedlora.methods", "Broadcast": "fedlora.methods",
