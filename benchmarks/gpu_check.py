@@ -39,10 +39,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from fedlora import config  # noqa: E402
-from fedlora.client import batch_indices, round_seed  # noqa: E402
 from fedlora.experiment import Experiment, build  # noqa: E402
 from fedlora.report import RunDir  # noqa: E402
 from fedlora.runtime import simulation  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead import bare_client_steps  # noqa: E402  (the same bare loop as the overhead benchmark)
 
 MODELS = {  # small on purpose: the whole check must fit 5 minutes on one GPU
     "tiny-llama": ["model.name=tiny-llama", "data.dataset=rotten-tomatoes-gen", "train.max_length=96",
@@ -55,27 +57,9 @@ COMMON = ["method.name=fedsa", "data.num_clients=8", "data.max_examples=480", "d
 
 
 def bare_steps(exp: Experiment, steps: int) -> None:
-    """A plain PEFT training loop of client 0: what a user would write by hand, on the same batches."""
-    cfg, trainer = exp.config.train, exp.trainer
-    trainer.load(exp.init_state)
-    params = [p for k, p in exp.slots.items() if k not in exp.method.frozen_keys()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    data = exp.clients[0]
-    seed = round_seed(cfg.seed, 1, data.client_id)
-    torch.manual_seed(seed)
-    exp.model.train()
-    for idx in batch_indices(data.train, steps, cfg.batch_size, seed):
-        with torch.autocast(exp.device.type, dtype=torch.bfloat16, enabled=trainer.bf16):
-            loss = exp.task.loss(exp.model, exp.task.batch(idx, exp.device))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    exp.model.eval()
-    for p in params:
-        p.requires_grad_(False)
+    """A plain PEFT training loop of client 0 (benchmarks/overhead.py's), on the same batches and autocast."""
+    exp.trainer.load(exp.init_state)
+    bare_client_steps(exp, exp.clients[0], 1, steps, bf16=exp.trainer.bf16)
 
 
 def fedlora_steps(exp: Experiment, steps: int) -> None:

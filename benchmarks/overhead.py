@@ -27,26 +27,34 @@ from fedlora.runtime.loop import run_round  # noqa: E402
 from fedlora.runtime.simulation import EmbeddedTransport, make_server  # noqa: E402
 
 
-def bare_round(exp, round_: int) -> None:  # type: ignore[no-untyped-def]
-    """What any hand-written loop must do: the same batches, forward, backward, clip, step, per client."""
+def bare_client_steps(exp, data, round_: int, steps: int, bf16: bool = False) -> None:  # type: ignore[no-untyped-def]
+    """What any hand-written loop must do for one client: the same batches, forward (under bf16 autocast when
+    ``bf16``), backward, clip, AdamW step. Also the baseline of benchmarks/gpu_check.py."""
     cfg = exp.config.train
     params = [p for k, p in exp.slots.items() if k not in exp.method.frozen_keys()]
     for p in params:
         p.requires_grad_(True)
     exp.model.train()
-    for data in exp.clients:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        seed = round_seed(cfg.seed, round_, data.client_id)
-        torch.manual_seed(seed)
-        for idx in batch_indices(data.train, cfg.local_steps, cfg.batch_size, seed):
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    seed = round_seed(cfg.seed, round_, data.client_id)
+    torch.manual_seed(seed)
+    for idx in batch_indices(data.train, steps, cfg.batch_size, seed):
+        with torch.autocast(exp.device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = exp.task.loss(exp.model, exp.task.batch(idx, exp.device))
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
     exp.model.eval()
     for p in params:
         p.requires_grad_(False)
+
+
+def bare_round(exp, round_: int) -> None:  # type: ignore[no-untyped-def]
+    """The bare loop for every client of a round, in the run's compute dtype (bf16 autocast where train.dtype
+    resolved to bf16: the frozen base is then stored in bf16, which a float32 loop could not multiply)."""
+    for data in exp.clients:
+        bare_client_steps(exp, data, round_, exp.config.train.local_steps, bf16=exp.trainer.bf16)
 
 
 def main() -> None:

@@ -143,6 +143,12 @@ def test_export_loads_with_plain_transformers_and_peft(tmp_path_factory, tmp_pat
     assert export.export(run, None, merged, merged=True)["base_weights_changed"]
     export.export(run, None, adapter)
     assert (merged / "config.json").is_file() and (adapter / "base" / "config.json").is_file()
+    assert_plain_loads_give_the_saved_logits(run, merged, adapter)
+
+
+def assert_plain_loads_give_the_saved_logits(run: Path, merged: Path, adapter: Path) -> None:
+    """A fresh process loads the merged model (plain transformers) and the adapter (plain PEFT); both give the
+    logits of fedlora's own reload of the run's saved global model."""
     done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(merged), str(adapter)], capture_output=True,
                           text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
